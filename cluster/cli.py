@@ -1,0 +1,125 @@
+"""The `pdserve` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+
+from engine.errors import PDServeError
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="checkpoint dir, .gguf file, smollm2-135m or dummy:<preset>")
+    p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache (default: device's)")
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+
+
+def _sampling_params(args: argparse.Namespace):
+    from engine import SamplingParams
+
+    return SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+    )
+
+
+def _stream(engine, prompt, params) -> str:
+    """Run one request to the end, printing text as it is finalised; returns the full text."""
+    rid = engine.add_request(prompt, params)
+    printed = ""
+    start = time.monotonic()
+    out = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id == rid:
+                sys.stdout.write(out.text[len(printed):])
+                sys.stdout.flush()
+                printed = out.text
+    elapsed = time.monotonic() - start
+    n = out.num_output_tokens if out else 0
+    print(f"\n[{n} tokens, {n / elapsed:.1f} tok/s, finish={out.finish_reason if out else None}]", file=sys.stderr)
+    return printed
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from engine import EngineConfig, LLMEngine
+
+    engine = LLMEngine(
+        EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
+                     kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len)
+    )
+    params = _sampling_params(args)
+
+    def prompt_of(history):
+        if not args.chat:
+            return history[-1]["content"]
+        text = engine.tokenizer.apply_chat_template(history, add_generation_prompt=True)
+        return engine.tokenizer.encode(text, add_special_tokens=False)
+
+    if not args.interactive:
+        if args.prompt is None:
+            print("pdserve generate: give --prompt TEXT or --interactive", file=sys.stderr)
+            return 2
+        _stream(engine, prompt_of([{"role": "user", "content": args.prompt}]), params)
+        return 0
+    history: list[dict[str, str]] = []
+    print("pdserve: type a message, an empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return 0
+        if not line:
+            return 0
+        history.append({"role": "user", "content": line})
+        try:
+            answer = _stream(engine, prompt_of(history), params)
+        except PDServeError as exc:  # e.g. the conversation outgrew the context: say so, keep going
+            print(f"error: {exc}", file=sys.stderr)
+            history.pop()
+            continue
+        history.append({"role": "assistant", "content": answer})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="generate text with the engine in this process")
+    _add_engine_args(gen)
+    _add_sampling_args(gen)
+    gen.add_argument("--prompt", help="the prompt (or the user message with --chat)")
+    gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    gen.add_argument("--interactive", "-i", action="store_true", help="chat on the terminal (implies --chat)")
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "interactive", False):
+        args.chat = True
+    try:
+        return args.func(args)
+    except PDServeError as exc:
+        print(f"pdserve: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+"""The attention layer over the paged KV cache: store the step's new K/V, then attend."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.forward_context import get_attention_metadata
+from kernels.paged_attention import decode_attention_from_slots, prefill_attention, store_kv
+
+
+class PagedAttention(nn.Module):
+    """Holds no weights; `k_cache`/`v_cache` are bound by the model runner when it allocates the cache."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, KVH, D]
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        # q: [T, H, D]; k, v: [T, KVH, D] -> [T, H, D]
+        meta = get_attention_metadata()
+        store_kv(self.k_cache, self.v_cache, meta.slot_mapping, k, v)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            out[:nd] = decode_attention_from_slots(
+                q[:nd], self.k_cache, self.v_cache, meta.decode_slots, meta.decode_valid, self.scale
+            )
+        for seg in meta.prefills:
+            if seg.context_slots is None:
+                ks, vs = k[seg.start : seg.end], v[seg.start : seg.end]
+            else:
+                ks = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[seg.context_slots]
+                vs = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[seg.context_slots]
+            out[seg.start : seg.end] = prefill_attention(q[seg.start : seg.end], ks, vs, self.scale, seg.num_prefix)
+        return out

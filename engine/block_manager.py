@@ -1,0 +1,58 @@
+"""KV block bookkeeping: integers only, no tensors.
+
+Invariants (checked by tests under random operation sequences):
+  * a block is free  <=>  its reference count is 0, and it appears in the free list exactly once;
+  * sum of reference counts == number of (sequence, block) ownerships handed out;
+  * num_free_blocks + number of blocks with refcount > 0 == num_blocks.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+
+class BlockAllocator:
+    def __init__(self, num_blocks: int) -> None:
+        if num_blocks <= 0:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self._free: deque[int] = deque(range(num_blocks))
+        self._refcounts = [0] * num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def refcount(self, block_id: int) -> int:
+        return self._refcounts[block_id]
+
+    def can_allocate(self, n: int) -> bool:
+        return n <= len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise MemoryError(f"asked for {n} KV blocks, {len(self._free)} free")
+        blocks = [self._free.popleft() for _ in range(n)]
+        for b in blocks:
+            self._refcounts[b] = 1
+        return blocks
+
+    def incref(self, block_ids: list[int]) -> None:
+        """Share already-allocated blocks with one more owner (prefix reuse, forks)."""
+        for b in block_ids:
+            if self._refcounts[b] <= 0:
+                raise ValueError(f"block {b} is free; only allocated blocks can be shared")
+            self._refcounts[b] += 1
+
+    def free(self, block_ids: list[int]) -> None:
+        """Drop one ownership of each block; blocks nobody owns go back to the free list."""
+        for b in block_ids:
+            if self._refcounts[b] <= 0:
+                raise ValueError(f"double free of KV block {b}")
+            self._refcounts[b] -= 1
+            if self._refcounts[b] == 0:
+                self._free.append(b)
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    return -(-num_tokens // block_size)

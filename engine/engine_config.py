@@ -1,0 +1,58 @@
+"""The engine's settings in one validated, frozen dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.kv_cache import DEFAULT_BLOCK_SIZE, CacheConfig
+from engine.scheduler import SchedulerConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str = "smollm2-135m"
+    dtype: str = "auto"  # auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    block_size: int = DEFAULT_BLOCK_SIZE
+    kv_cache_memory: int | None = None  # bytes for the KV cache; None = the device's default
+    gpu_memory_utilization: float = 0.90
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    max_model_len: int | None = None  # None = the model's own context
+    seed: int = 0  # for dummy weights and unseeded sampling
+
+    def __post_init__(self) -> None:
+        name = _DTYPE_ALIASES.get(self.dtype, self.dtype)
+        if name != "auto" and name not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
+        object.__setattr__(self, "dtype", name)
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {self.device!r} was asked for but this machine has no CUDA GPU")
+        return device
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
+        return DTYPES[self.dtype]
+
+    @property
+    def cache(self) -> CacheConfig:
+        return CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization)
+
+    @property
+    def scheduler(self) -> SchedulerConfig:
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)

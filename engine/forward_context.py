@@ -1,0 +1,53 @@
+"""Per-step attention metadata, reachable from the attention layers without threading it through
+every module's forward (so models keep `forward(input_ids, positions)`).
+
+The flat batch of a step holds every scheduled sequence's new tokens back to back: first the
+decode rows (one token each), then the prefill chunks (several tokens each)::
+
+    tokens:  | d0 | d1 | ... | d(B-1) | p0 chunk ........ | p1 chunk .... |
+    slots:     where each token's K/V is written (block * block_size + offset)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class PrefillSegment:
+    start: int  # first row of this chunk in the flat batch
+    end: int  # one past its last row
+    num_prefix: int  # tokens of this sequence already in the cache before the chunk
+    context_slots: torch.Tensor | None  # [num_prefix + chunk] slots to read back; None when num_prefix == 0
+
+
+@dataclass(frozen=True)
+class AttentionMetadata:
+    slot_mapping: torch.Tensor  # [T] int64
+    num_decodes: int  # rows [0, num_decodes) are decode tokens
+    decode_slots: torch.Tensor | None  # [num_decodes, L] context slots of each decode row
+    decode_valid: torch.Tensor | None  # [num_decodes, L] bool
+    prefills: tuple[PrefillSegment, ...]
+
+
+_current: AttentionMetadata | None = None
+
+
+def get_attention_metadata() -> AttentionMetadata:
+    if _current is None:
+        raise RuntimeError("attention layers ran outside of a forward context")
+    return _current
+
+
+@contextmanager
+def forward_context(metadata: AttentionMetadata) -> Iterator[None]:
+    global _current
+    previous, _current = _current, metadata
+    try:
+        yield
+    finally:
+        _current = previous

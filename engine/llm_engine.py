@@ -1,0 +1,211 @@
+"""The colocated engine: continuous batching of prefill chunks and decodes in one process.
+
+    add_request ──> Scheduler.waiting ──schedule()──> ModelRunner.execute() ──> _postprocess()
+                         ^                                                          │
+                         └──────────── preempted (recompute) ◄── running ◄──────────┘
+                                                              finished ──> blocks freed
+
+A step is three lines: schedule, run, postprocess. It is the offline API's engine and the
+colocated baseline the disaggregated cluster is measured against.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Sequence as Seq
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.engine_config import EngineConfig
+from engine.errors import InvalidPromptError, PromptTooLongError, TokenizerUnavailableError
+from engine.model_loader import LoadedModel, load_model
+from engine.model_runner import ModelRunner
+from engine.outputs import RequestOutput, RequestTimeline
+from engine.sampler import SamplerOutput, make_generator
+from engine.sampling_params import SamplingParams
+from engine.scheduler import ScheduledChunk, Scheduler
+from engine.sequence import Sequence
+
+Prompt = str | Seq[int]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+        """`loaded` reuses a model already in memory (its attention layers are rebound to this
+        engine's KV cache, so two engines must not share one model at the same time)."""
+        self.config = config
+        device = config.torch_device
+        loaded = loaded or load_model(config.model, config.torch_dtype, device, seed=config.seed)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.max_model_len = min(config.max_model_len or loaded.config.max_model_len, loaded.config.max_model_len)
+        self.runner = ModelRunner(loaded.model, config.cache, device)
+        self.scheduler = Scheduler(config.scheduler, self.runner.num_blocks, config.block_size)
+        self.eos_token_ids = frozenset(loaded.config.eos_token_ids) | frozenset(
+            [self.tokenizer.eos_token_id] if self.tokenizer and self.tokenizer.eos_token_id is not None else []
+        )
+        self._seqs: dict[str, Sequence] = {}
+        self._detok: dict[str, IncrementalDetokenizer] = {}
+        self._texts: dict[str, str] = {}
+        self._ids = itertools.count()
+
+    # --- requests -----------------------------------------------------------------------------
+
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise TokenizerUnavailableError(
+                    f"model {self.config.model!r} has no tokenizer; pass token ids instead of text"
+                )
+            ids = self.tokenizer.encode(prompt)
+        elif isinstance(prompt, Seq) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            if bad:
+                raise InvalidPromptError(
+                    f"token ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})"
+                )
+        else:
+            raise InvalidPromptError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise InvalidPromptError("the prompt is empty; give at least one token")
+        return ids
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+        """Validate and enqueue; raises a specific PDServeError for bad input and changes nothing then."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise InvalidPromptError(f"params must be a SamplingParams, got {type(params).__name__}")
+        ids = self.tokenize(prompt)
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens but the context holds {self.max_model_len} "
+                "(prompt plus at least one generated token); shorten the prompt"
+            )
+        if len(ids) + 1 > self.scheduler.capacity_tokens:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens but the KV cache holds {self.scheduler.capacity_tokens}; "
+                "raise kv_cache_memory or shorten the prompt"
+            )
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._seqs:
+            raise InvalidPromptError(f"request id {request_id!r} is already in use")
+        seq = Sequence(request_id, ids, len(ids), params, time.monotonic(), make_generator(params.seed))
+        self._seqs[request_id] = seq
+        if self.tokenizer is not None:
+            self._detok[request_id] = IncrementalDetokenizer(
+                self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens
+            )
+        self._texts[request_id] = ""
+        self.scheduler.add(seq)
+        return request_id
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        seq = self._seqs.get(request_id)
+        if seq is None:
+            return None
+        self._finish(seq, "abort")
+        return self._pop_output(seq)
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.scheduler.allocator.num_free_blocks
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return an output for every request that produced a token or finished."""
+        plan = self.scheduler.schedule()
+        for seq in plan.out_of_memory:
+            self._finish(seq, "length")
+        sampled = self.runner.execute(plan.chunks) if plan.chunks else None
+        updated = self._postprocess(plan.chunks, sampled)
+        return [self._pop_output(s) if s.is_finished else self._output(s) for s in (*plan.out_of_memory, *updated)]
+
+    def _postprocess(self, chunks: list[ScheduledChunk], sampled: SamplerOutput | None) -> list[Sequence]:
+        now = time.monotonic()
+        updated: list[Sequence] = []
+        i = 0
+        for chunk in chunks:
+            seq = chunk.seq
+            if seq.first_scheduled_time is None:
+                seq.first_scheduled_time = now
+            samples = chunk.samples
+            seq.num_computed_tokens += chunk.num_tokens
+            if not samples:
+                continue
+            token = sampled.token_ids[i]
+            seq.output_logprobs.append(sampled.logprobs[i])
+            seq.output_top_logprobs.append(sampled.top_logprobs[i])
+            i += 1
+            self._append_token(seq, token, now)
+            updated.append(seq)
+        return updated
+
+    def _append_token(self, seq: Sequence, token: int, now: float) -> None:
+        seq.token_ids.append(token)
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        p = seq.params
+        detok = self._detok.get(seq.request_id)
+        stopped_by_string = False
+        if detok is not None:
+            detok.add_token(token)
+            text = detok.text
+            if p.stop and seq.num_output_tokens >= p.min_tokens:
+                cut = _find_stop(text, p.stop, len(self._texts[seq.request_id]))
+                if cut is not None:
+                    text, stopped_by_string = text[:cut], True
+            self._texts[seq.request_id] = text
+        n = seq.num_output_tokens
+        can_stop = n >= p.min_tokens
+        if stopped_by_string:
+            self._finish(seq, "stop")
+        elif can_stop and not p.ignore_eos and token in self.eos_token_ids:
+            self._finish(seq, "stop")
+        elif can_stop and token in p.stop_token_ids:
+            self._finish(seq, "stop")
+        elif n >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish(seq, reason)
+        seq.finished_time = time.monotonic()
+        detok = self._detok.get(seq.request_id)
+        if detok is not None and reason in ("length", "abort"):
+            self._texts[seq.request_id] = self._texts[seq.request_id] + detok.flush()
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        want_logprobs = seq.params.logprobs is not None
+        return RequestOutput(
+            request_id=seq.request_id,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            token_ids=seq.output_token_ids,
+            text=self._texts[seq.request_id],
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            logprobs=list(seq.output_logprobs) if want_logprobs else None,
+            top_logprobs=list(seq.output_top_logprobs) if want_logprobs and seq.params.logprobs else None,
+            timeline=RequestTimeline(
+                seq.arrival_time, seq.first_scheduled_time, seq.first_token_time, seq.finished_time
+            ),
+        )
+
+    def _pop_output(self, seq: Sequence) -> RequestOutput:
+        out = self._output(seq)
+        del self._seqs[seq.request_id], self._texts[seq.request_id]
+        self._detok.pop(seq.request_id, None)
+        return out
+
+
+def _find_stop(text: str, stops: tuple[str, ...], checked: int) -> int | None:
+    """Index where the earliest stop string starts, searching only text not searched before."""
+    hits = []
+    for s in stops:
+        i = text.find(s, max(0, checked - len(s) + 1))
+        if i >= 0:
+            hits.append(i)
+    return min(hits) if hits else None

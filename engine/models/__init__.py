@@ -1,0 +1,1 @@
+"""Model definitions: plain single-device PyTorch, attention through engine.attention.PagedAttention."""

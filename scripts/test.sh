@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The test suite (CPU). Sets everything up on first use. Extra arguments go to pytest.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+"$root/scripts/setup.sh"
+cd "$root"
+exec "$root/.venv/bin/python" -m pytest "$@"
