@@ -11,7 +11,9 @@ from engine.errors import PDServeError
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m", help="checkpoint dir, .gguf file, smollm2-135m or dummy:<preset>")
+    p.add_argument(
+        "--model", default="smollm2-135m", help="checkpoint dir, .gguf file, smollm2-135m or dummy:<preset>"
+    )
     p.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--kv-cache-memory", type=int, default=None, help="bytes of KV cache (default: device's)")
@@ -32,8 +34,13 @@ def _sampling_params(args: argparse.Namespace):
     from engine import SamplingParams
 
     return SamplingParams(
-        max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        seed=args.seed, stop=tuple(args.stop), ignore_eos=args.ignore_eos,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
     )
 
 
@@ -46,12 +53,15 @@ def _stream(engine, prompt, params) -> str:
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.request_id == rid:
-                sys.stdout.write(out.text[len(printed):])
+                sys.stdout.write(out.text[len(printed) :])
                 sys.stdout.flush()
                 printed = out.text
     elapsed = time.monotonic() - start
     n = out.num_output_tokens if out else 0
-    print(f"\n[{n} tokens, {n / elapsed:.1f} tok/s, finish={out.finish_reason if out else None}]", file=sys.stderr)
+    print(
+        f"\n[{n} tokens, {n / elapsed:.1f} tok/s, finish={out.finish_reason if out else None}]",
+        file=sys.stderr,
+    )
     return printed
 
 
@@ -59,8 +69,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from engine import EngineConfig, LLMEngine
 
     engine = LLMEngine(
-        EngineConfig(model=args.model, dtype=args.dtype, device=args.device,
-                     kv_cache_memory=args.kv_cache_memory, max_model_len=args.max_model_len)
+        EngineConfig(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            kv_cache_memory=args.kv_cache_memory,
+            max_model_len=args.max_model_len,
+        )
     )
     params = _sampling_params(args)
 

@@ -35,5 +35,7 @@ class PagedAttention(nn.Module):
             else:
                 ks = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[seg.context_slots]
                 vs = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[seg.context_slots]
-            out[seg.start : seg.end] = prefill_attention(q[seg.start : seg.end], ks, vs, self.scale, seg.num_prefix)
+            out[seg.start : seg.end] = prefill_attention(
+                q[seg.start : seg.end], ks, vs, self.scale, seg.num_prefix
+            )
         return out

@@ -6,11 +6,18 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.errors import InvalidConfigError
 from engine.kv_cache import DEFAULT_BLOCK_SIZE, CacheConfig
 from engine.scheduler import SchedulerConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+_DTYPE_ALIASES = {
+    "fp32": "float32",
+    "float": "float32",
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+}
 
 
 @dataclass(frozen=True)
@@ -29,10 +36,13 @@ class EngineConfig:
     def __post_init__(self) -> None:
         name = _DTYPE_ALIASES.get(self.dtype, self.dtype)
         if name != "auto" and name not in DTYPES:
-            raise ValueError(f"dtype {self.dtype!r} is not supported; choose auto, {', '.join(DTYPES)}")
+            raise InvalidConfigError(
+                f"dtype {self.dtype!r} is not supported; choose auto, {', '.join(DTYPES)}"
+            )
         object.__setattr__(self, "dtype", name)
         if self.max_model_len is not None and self.max_model_len < 2:
-            raise ValueError(f"max_model_len must be >= 2, got {self.max_model_len}")
+            raise InvalidConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
+        self.cache, self.scheduler  # noqa: B018 - validate the derived configs now, not at first use
 
     @property
     def torch_device(self) -> torch.device:
@@ -40,7 +50,7 @@ class EngineConfig:
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         device = torch.device(self.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {self.device!r} was asked for but this machine has no CUDA GPU")
+            raise InvalidConfigError(f"device {self.device!r} was asked for but this machine has no CUDA GPU")
         return device
 
     @property

@@ -35,3 +35,7 @@ class TokenizerUnavailableError(PDServeError, RuntimeError):
 
 class InvalidChatMessagesError(PDServeError, ValueError):
     """Chat messages are not a list of {'role': str, 'content': str}, or the chat template rejects them."""
+
+
+class InvalidConfigError(PDServeError, ValueError):
+    """An engine, cache or scheduler setting is out of range."""

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.errors import InvalidConfigError
 from engine.model_config import ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16
@@ -33,11 +34,13 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+            raise InvalidConfigError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.memory_bytes is not None and self.memory_bytes <= 0:
-            raise ValueError(f"KV cache memory_bytes must be positive, got {self.memory_bytes}")
+            raise InvalidConfigError(f"KV cache memory_bytes must be positive, got {self.memory_bytes}")
         if not 0 < self.gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+            raise InvalidConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
 
 
 def block_bytes(model: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

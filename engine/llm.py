@@ -55,14 +55,16 @@ class LLM:
                 raise ValueError(f"{len(batch)} prompts but {len(params_list)} SamplingParams")
         results: dict[int, RequestOutput] = {}
         order: dict[str, int] = {}
-        for i, (prompt, p) in enumerate(zip(batch, params_list)):
+        for i, (prompt, p) in enumerate(zip(batch, params_list, strict=True)):
             try:
                 order[self.engine.add_request(prompt, p)] = i
             except PDServeError as exc:
                 if single:
                     raise
                 results[i] = RequestOutput(f"failed-{i}", [], [], "", True, "error", error=exc)
-        bar = tqdm(total=len(order), desc="generating", unit="req", disable=not use_tqdm, delay=1.0, leave=False)
+        bar = tqdm(
+            total=len(order), desc="generating", unit="req", disable=not use_tqdm, delay=1.0, leave=False
+        )
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
                 if out.finished and out.request_id in order:

@@ -38,11 +38,15 @@ class LLMEngine:
         loaded = loaded or load_model(config.model, config.torch_dtype, device, seed=config.seed)
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.max_model_len = min(config.max_model_len or loaded.config.max_model_len, loaded.config.max_model_len)
+        self.max_model_len = min(
+            config.max_model_len or loaded.config.max_model_len, loaded.config.max_model_len
+        )
         self.runner = ModelRunner(loaded.model, config.cache, device)
         self.scheduler = Scheduler(config.scheduler, self.runner.num_blocks, config.block_size)
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids) | frozenset(
-            [self.tokenizer.eos_token_id] if self.tokenizer and self.tokenizer.eos_token_id is not None else []
+            [self.tokenizer.eos_token_id]
+            if self.tokenizer and self.tokenizer.eos_token_id is not None
+            else []
         )
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
@@ -66,12 +70,16 @@ class LLMEngine:
                     f"token ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})"
                 )
         else:
-            raise InvalidPromptError(f"a prompt is a string or a list of token ids, got {type(prompt).__name__}")
+            raise InvalidPromptError(
+                f"a prompt is a string or a list of token ids, got {type(prompt).__name__}"
+            )
         if not ids:
             raise InvalidPromptError("the prompt is empty; give at least one token")
         return ids
 
-    def add_request(self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None) -> str:
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
         """Validate and enqueue; raises a specific PDServeError for bad input and changes nothing then."""
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
@@ -123,7 +131,9 @@ class LLMEngine:
             self._finish(seq, "length")
         sampled = self.runner.execute(plan.chunks) if plan.chunks else None
         updated = self._postprocess(plan.chunks, sampled)
-        return [self._pop_output(s) if s.is_finished else self._output(s) for s in (*plan.out_of_memory, *updated)]
+        return [
+            self._pop_output(s) if s.is_finished else self._output(s) for s in (*plan.out_of_memory, *updated)
+        ]
 
     def _postprocess(self, chunks: list[ScheduledChunk], sampled: SamplerOutput | None) -> list[Sequence]:
         now = time.monotonic()

@@ -75,8 +75,16 @@ class ModelConfig:
     name: str = ""
 
     def __post_init__(self) -> None:
-        for key in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
-                    "num_kv_heads", "head_dim", "max_position_embeddings"):
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, key)
             if not isinstance(value, int) or value <= 0:
                 raise CorruptCheckpointError(f"model config {key} must be a positive integer, got {value!r}")
@@ -150,7 +158,9 @@ class ModelConfig:
                 head_dim=int(d.get("head_dim") or hidden // num_heads),
                 max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
                 rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-                rope_theta=float(d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 1e4))),
+                rope_theta=float(
+                    d.get("rope_theta", (d.get("rope_parameters") or {}).get("rope_theta", 1e4))
+                ),
                 rope_scaling=RopeScaling.from_hf(d.get("rope_scaling") or _rope_parameters(d)),
                 qkv_bias=bool(d.get("attention_bias", arch == "qwen2")),
                 tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -168,7 +178,8 @@ class ModelConfig:
         arch = meta.get("general.architecture")
         if arch not in SUPPORTED_GGUF_ARCHITECTURES:
             raise UnsupportedModelError(
-                f"GGUF architecture {arch!r} is not supported; supported: {sorted(SUPPORTED_GGUF_ARCHITECTURES)}"
+                f"GGUF architecture {arch!r} is not supported; "
+                f"supported: {sorted(SUPPORTED_GGUF_ARCHITECTURES)}"
             )
 
         def get(key: str, default: Any = None) -> Any:

@@ -43,7 +43,9 @@ def resolve_checkpoint(model: str) -> GGUFCheckpoint | HFCheckpoint | ModelConfi
     if model.startswith(DUMMY_PREFIX):
         preset = model[len(DUMMY_PREFIX) :]
         if preset not in PRESETS:
-            raise ModelNotFoundError(f"unknown dummy preset {preset!r}; presets: {', '.join(sorted(PRESETS))}")
+            raise ModelNotFoundError(
+                f"unknown dummy preset {preset!r}; presets: {', '.join(sorted(PRESETS))}"
+            )
         return ModelConfig.from_hf(PRESETS[preset], name=model)
     path = Path(model).expanduser()
     if path.is_file() and path.suffix == ".gguf":
@@ -51,7 +53,9 @@ def resolve_checkpoint(model: str) -> GGUFCheckpoint | HFCheckpoint | ModelConfi
     if path.is_dir():
         return HFCheckpoint(path)
     if path.is_file():
-        raise ModelNotFoundError(f"{path} is a file but not a .gguf; give a GGUF file or a checkpoint directory")
+        raise ModelNotFoundError(
+            f"{path} is a file but not a .gguf; give a GGUF file or a checkpoint directory"
+        )
     raise ModelNotFoundError(
         f"model {model!r} not found: give a Hugging Face checkpoint directory, a .gguf file, "
         f"{EMBEDDED_MODEL!r}, or dummy:<preset> with a preset from {sorted(PRESETS)}"
@@ -87,6 +91,8 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device, seed: int =
         return LoadedModel(net.eval(), config, None)
     tokenizer = source.tokenizer()
     total = source.num_tensors
-    weights = tqdm(source.weights(), total=total, desc=f"loading {model}", unit="tensor", delay=1.0, leave=False)
+    weights = tqdm(
+        source.weights(), total=total, desc=f"loading {model}", unit="tensor", delay=1.0, leave=False
+    )
     net.load_weights(weights)
     return LoadedModel(net.eval(), config, tokenizer)

@@ -31,12 +31,14 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         dtype = next(model.parameters()).dtype
         self.kv_cache = allocate_kv_cache(self.config, cache_config, dtype, device)
-        self._layer_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.config.num_layers)]
+        self._layer_caches = [
+            (self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.config.num_layers)
+        ]
         self.sampler = Sampler()
 
     def _bind_cache(self) -> None:
         # Bound per step, not once: engines built over one loaded model (tests, benchmarks) stay correct.
-        for attn, (k, v) in zip(self.model.attention_layers(), self._layer_caches):
+        for attn, (k, v) in zip(self.model.attention_layers(), self._layer_caches, strict=True):
             attn.k_cache, attn.v_cache = k, v
 
     @property
@@ -77,7 +79,9 @@ class ModelRunner:
         decode_slots = decode_valid = None
         if decode_tables:
             width = max(len(t) for t in decode_tables)
-            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev)
+            tables = torch.tensor(
+                [t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev
+            )
             lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
             decode_slots, decode_valid = context_slots(tables, lens, self.block_size)
         metadata = AttentionMetadata(

@@ -10,6 +10,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from engine.block_manager import BlockAllocator, blocks_needed
+from engine.errors import InvalidConfigError
 from engine.sequence import Sequence, SequenceStatus
 
 
@@ -20,9 +21,9 @@ class SchedulerConfig:
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
-            raise ValueError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+            raise InvalidConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
+            raise InvalidConfigError(
                 f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= max_num_seqs "
                 f"({self.max_num_seqs}) so every running sequence can decode each step"
             )

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from engine.errors import CorruptCheckpointError
-from engine.gguf_metadata import GGUFFile
+from engine.loaders.gguf_file import GGUFFile
 from engine.model_config import ModelConfig
 
 _LAYER_NAMES = {
@@ -81,7 +81,9 @@ class GGUFCheckpoint:
             try:
                 w = dequantize(t.data, GGMLQuantizationType(t.ggml_type))
             except Exception as exc:
-                raise CorruptCheckpointError(f"{self.path}: tensor {t.name} cannot be decoded: {exc}") from exc
+                raise CorruptCheckpointError(
+                    f"{self.path}: tensor {t.name} cannot be decoded: {exc}"
+                ) from exc
             if permuted and name.endswith("q_proj.weight"):
                 w = _unpermute(w, cfg.num_heads)
             elif permuted and name.endswith("k_proj.weight"):

@@ -24,7 +24,9 @@ class HFCheckpoint:
         self.path = Path(path)
         config_path = self.path / "config.json"
         if not config_path.is_file():
-            raise ModelNotFoundError(f"{self.path} has no config.json; point --model at a Hugging Face checkpoint")
+            raise ModelNotFoundError(
+                f"{self.path} has no config.json; point --model at a Hugging Face checkpoint"
+            )
         self.config = ModelConfig.from_hf(_read_json(config_path), name=self.path.name)
         self.files = self._weight_files()
 

@@ -143,7 +143,9 @@ class LlamaForCausalLM(nn.Module):
                     name, shard = hf_name.replace(f".{part}.", f".{fused}."), index
                     break
             if name not in params:
-                raise CorruptCheckpointError(f"checkpoint tensor {hf_name!r} matches no parameter of the model")
+                raise CorruptCheckpointError(
+                    f"checkpoint tensor {hf_name!r} matches no parameter of the model"
+                )
             target = params[name]
             if shard is not None:
                 sizes = self._shard_sizes(name.split(".")[-2])
@@ -158,5 +160,6 @@ class LlamaForCausalLM(nn.Module):
         missing = sorted(n for n, left in expected.items() if left > 0)
         if missing:
             raise CorruptCheckpointError(
-                f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}; it is truncated or not this model"
+                f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}; "
+                "it is truncated or not this model"
             )

@@ -27,7 +27,9 @@ def run_all(engine: LLMEngine, prompts, params) -> list:
 
 
 def test_max_tokens_and_length_finish(embedded_llm, prompt_ids):
-    out = embedded_llm.generate(prompt_ids[0], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    out = embedded_llm.generate(prompt_ids[0], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[
+        0
+    ]
     assert len(out.token_ids) == 5 and out.finish_reason == "length"
 
 
@@ -55,8 +57,9 @@ def test_eos_stops_unless_ignored(embedded_llm):
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     stopped = embedded_llm.chat(chat, SamplingParams(temperature=0, max_tokens=64))[0]
     assert stopped.finish_reason == "stop" and stopped.token_ids[-1] == 2  # <|im_end|>
-    ignored = embedded_llm.chat(chat, SamplingParams(temperature=0, max_tokens=len(stopped.token_ids) + 4,
-                                                      ignore_eos=True))[0]
+    ignored = embedded_llm.chat(
+        chat, SamplingParams(temperature=0, max_tokens=len(stopped.token_ids) + 4, ignore_eos=True)
+    )[0]
     assert ignored.finish_reason == "length"
     assert ignored.token_ids[: len(stopped.token_ids)] == stopped.token_ids
 
@@ -68,16 +71,18 @@ def test_seeded_sampling_is_reproducible_across_batches(embedded_llm, prompt_ids
     mixed = embedded_llm.generate([prompt_ids[0], prompt_ids[2], prompt_ids[1]], [other, seeded, other])
     assert mixed[1].token_ids == alone
     assert embedded_llm.generate(prompt_ids[2], seeded)[0].token_ids == alone
-    different = embedded_llm.generate(prompt_ids[2], SamplingParams(temperature=0.9, max_tokens=16, seed=99,
-                                                                   ignore_eos=True))[0]
+    different = embedded_llm.generate(
+        prompt_ids[2], SamplingParams(temperature=0.9, max_tokens=16, seed=99, ignore_eos=True)
+    )[0]
     assert different.token_ids != alone
 
 
 def test_logprobs(embedded_llm, prompt_ids):
-    out = embedded_llm.generate(prompt_ids[0], SamplingParams(temperature=0, max_tokens=4, logprobs=3,
-                                                              ignore_eos=True))[0]
+    out = embedded_llm.generate(
+        prompt_ids[0], SamplingParams(temperature=0, max_tokens=4, logprobs=3, ignore_eos=True)
+    )[0]
     assert len(out.logprobs) == len(out.top_logprobs) == 4
-    for token, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs):
+    for token, lp, top in zip(out.token_ids, out.logprobs, out.top_logprobs, strict=True):
         assert top[0][0] == token and top[0][1] == pytest.approx(lp)  # greedy picks the most likely
         assert [t[1] for t in top] == sorted((t[1] for t in top), reverse=True) and lp <= 0
 
@@ -86,8 +91,13 @@ def test_preemption_under_tiny_cache_gives_same_tokens(embedded_loaded, embedded
     expected = [o.token_ids for o in embedded_llm.generate(prompt_ids, GREEDY)]
     block = 2 * 30 * 3 * 64 * 4 * 16  # bytes of one 16-token block of this model in float32
     engine = LLMEngine(
-        EngineConfig(kv_cache_memory=6 * block, max_num_batched_tokens=16, max_num_seqs=4, device="cpu",
-                     dtype="float32"),
+        EngineConfig(
+            kv_cache_memory=6 * block,
+            max_num_batched_tokens=16,
+            max_num_seqs=4,
+            device="cpu",
+            dtype="float32",
+        ),
         loaded=embedded_loaded,
     )
     assert engine.scheduler.allocator.num_blocks == 6
@@ -100,8 +110,12 @@ def test_preemption_under_tiny_cache_gives_same_tokens(embedded_loaded, embedded
 def test_chunked_prefill_engine_matches(embedded_loaded, embedded_llm, prompt_ids):
     long_prompt = sum(prompt_ids, []) * 3
     expected = embedded_llm.generate(long_prompt, GREEDY)[0].token_ids
-    engine = LLMEngine(EngineConfig(max_num_batched_tokens=8, max_num_seqs=4, device="cpu", dtype="float32",
-                                    kv_cache_memory=64 << 20), loaded=embedded_loaded)
+    engine = LLMEngine(
+        EngineConfig(
+            max_num_batched_tokens=8, max_num_seqs=4, device="cpu", dtype="float32", kv_cache_memory=64 << 20
+        ),
+        loaded=embedded_loaded,
+    )
     outs = run_all(engine, [long_prompt, prompt_ids[0]], GREEDY)
     assert outs[0].token_ids == expected
     assert engine.num_free_blocks == engine.scheduler.allocator.num_blocks

@@ -5,19 +5,45 @@ from __future__ import annotations
 import pytest
 import torch
 from hf_reference import hf_greedy
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.block_manager import blocks_needed
 from engine.scheduler import ScheduledChunk
 from engine.sequence import Sequence
 
-TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=512)
+TINY = dict(
+    vocab_size=320,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
 CASES = {
-    "llama3.1-rope-scaling": (LlamaForCausalLM, LlamaConfig(**TINY, rope_theta=500000.0, rope_scaling={
-        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-        "original_max_position_embeddings": 64}), {}),
+    "llama3.1-rope-scaling": (
+        LlamaForCausalLM,
+        LlamaConfig(
+            **TINY,
+            rope_theta=500000.0,
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        ),
+        {},
+    ),
     "llama2-sharded": (LlamaForCausalLM, LlamaConfig(**TINY), {"max_shard_size": "100KB"}),
     "qwen2-bias-tied": (Qwen2ForCausalLM, Qwen2Config(**TINY, tie_word_embeddings=True), {}),
     "mistral": (MistralForCausalLM, MistralConfig(**TINY, sliding_window=None), {}),

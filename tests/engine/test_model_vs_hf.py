@@ -16,7 +16,7 @@ NEW_TOKENS = 32
 RAW_PROMPTS = [
     "Hello",
     "The three primary colors are",
-    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
     "In 1869 the Suez Canal opened, linking the Mediterranean Sea to the Red Sea. The canal shortened "
     "the sea route between Europe and South Asia by thousands of kilometres, and it quickly became one "
     "of the busiest waterways in the world. Its construction took ten years and employed tens of "

@@ -19,7 +19,7 @@ from engine.errors import (
     TokenizerUnavailableError,
     UnsupportedModelError,
 )
-from engine.gguf_metadata import read_gguf_metadata
+from engine.loaders.gguf_file import read_gguf_metadata
 from engine.tokenizer import GGUF_PRE_TOKENIZER_SPLITS, Tokenizer, byte_spelling
 
 TEXTS = [

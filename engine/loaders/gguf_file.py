@@ -24,7 +24,19 @@ import numpy as np
 
 from engine.errors import CorruptCheckpointError, UnsupportedModelError
 
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -109,7 +121,9 @@ class GGUFFile:
             try:
                 qtype = GGMLQuantizationType(ggml_type)
             except ValueError:
-                raise UnsupportedModelError(f"{self.path}: tensor {name} has unknown ggml type {ggml_type}") from None
+                raise UnsupportedModelError(
+                    f"{self.path}: tensor {name} has unknown ggml type {ggml_type}"
+                ) from None
             block, type_size = GGML_QUANT_SIZES[qtype]
             shape = tuple(reversed(dims))
             n_bytes = int(np.prod(dims)) // block * type_size

@@ -1,0 +1,67 @@
+"""The `pdserve` command line, run as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from cluster.cli import build_parser
+
+
+def test_generate_chat_one_shot():
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "generate",
+            "--chat",
+            "--prompt",
+            "What is the capital of France?",
+            "--device",
+            "cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "The capital of France is Paris."
+    assert "tok/s" in proc.stderr
+
+
+def test_interactive_chat_reads_turns_until_eof():
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "generate", "-i", "--device", "cpu", "--max-tokens", "12"],
+        input="What is the capital of France?\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout
+
+
+def test_bad_model_is_a_clear_error_not_a_traceback(tmp_path):
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "generate",
+            "--model",
+            str(tmp_path / "missing"),
+            "--prompt",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "pdserve: error: model" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_parser_defaults():
+    args = build_parser().parse_args(["generate", "--prompt", "x"])
+    assert args.model == "smollm2-135m" and args.temperature == 0.0 and args.max_tokens == 128
