@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from engine.forward_context import get_attention_metadata
-from kernels.paged_attention import decode_attention_from_slots, prefill_attention, store_kv
+from kernels.paged_attention import decode_attention, gather_blocks, prefill_attention, store_kv
 
 
 class PagedAttention(nn.Module):
@@ -26,15 +26,16 @@ class PagedAttention(nn.Module):
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            out[:nd] = decode_attention_from_slots(
-                q[:nd], self.k_cache, self.v_cache, meta.decode_slots, meta.decode_valid, self.scale
+            out[:nd] = decode_attention(
+                q[:nd], self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_valid, self.scale
             )
         for seg in meta.prefills:
-            if seg.context_slots is None:
+            if seg.context_blocks is None:
                 ks, vs = k[seg.start : seg.end], v[seg.start : seg.end]
             else:
-                ks = self.k_cache.view(-1, self.num_kv_heads, self.head_dim)[seg.context_slots]
-                vs = self.v_cache.view(-1, self.num_kv_heads, self.head_dim)[seg.context_slots]
+                ctx = seg.num_prefix + seg.end - seg.start
+                ks = gather_blocks(self.k_cache, seg.context_blocks)[:ctx]
+                vs = gather_blocks(self.v_cache, seg.context_blocks)[:ctx]
             out[seg.start : seg.end] = prefill_attention(
                 q[seg.start : seg.end], ks, vs, self.scale, seg.num_prefix
             )

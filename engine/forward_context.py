@@ -22,15 +22,15 @@ class PrefillSegment:
     start: int  # first row of this chunk in the flat batch
     end: int  # one past its last row
     num_prefix: int  # tokens of this sequence already in the cache before the chunk
-    context_slots: torch.Tensor | None  # [num_prefix + chunk] slots to read back; None when num_prefix == 0
+    context_blocks: torch.Tensor | None  # [nb] blocks holding prefix + chunk; None when num_prefix == 0
 
 
 @dataclass(frozen=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64
     num_decodes: int  # rows [0, num_decodes) are decode tokens
-    decode_slots: torch.Tensor | None  # [num_decodes, L] context slots of each decode row
-    decode_valid: torch.Tensor | None  # [num_decodes, L] bool
+    decode_block_tables: torch.Tensor | None  # [num_decodes, nb] padded block tables of the decode rows
+    decode_valid: torch.Tensor | None  # [num_decodes, nb * block_size] bool: real context positions
     prefills: tuple[PrefillSegment, ...]
 
 

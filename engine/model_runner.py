@@ -7,12 +7,13 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.block_manager import blocks_needed
 from engine.forward_context import AttentionMetadata, PrefillSegment, forward_context
 from engine.kv_cache import CacheConfig, allocate_kv_cache
 from engine.models.llama import LlamaForCausalLM
 from engine.sampler import Sampler, SamplerOutput
 from engine.scheduler import ScheduledChunk
-from kernels.paged_attention import context_slots
+from kernels.paged_attention import context_mask
 
 
 @dataclass(frozen=True)
@@ -70,25 +71,25 @@ class ModelRunner:
                 decode_tables.append(seq.block_table)
                 decode_lens.append(end)
             else:
-                ctx = None
+                blocks = None
                 if start > 0:
-                    ctx = torch.tensor(self._slots(seq.block_table, 0, end), dtype=torch.long, device=dev)
-                prefills.append(PrefillSegment(row, row + chunk.num_tokens, start, ctx))
+                    nb = blocks_needed(end, self.block_size)
+                    blocks = torch.tensor(seq.block_table[:nb], dtype=torch.long, device=dev)
+                prefills.append(PrefillSegment(row, row + chunk.num_tokens, start, blocks))
             if chunk.samples:
                 sample_rows.append(len(ids) - 1)
-        decode_slots = decode_valid = None
+        tables = valid = None
         if decode_tables:
-            width = max(len(t) for t in decode_tables)
-            tables = torch.tensor(
-                [t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev
-            )
+            width = max(blocks_needed(n, self.block_size) for n in decode_lens)
+            padded = [t[:width] + [0] * (width - min(len(t), width)) for t in decode_tables]
+            tables = torch.tensor(padded, dtype=torch.long, device=dev)
             lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
-            decode_slots, decode_valid = context_slots(tables, lens, self.block_size)
+            valid = context_mask(lens, width * self.block_size)
         metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decodes=len(decode_tables),
-            decode_slots=decode_slots,
-            decode_valid=decode_valid,
+            decode_block_tables=tables,
+            decode_valid=valid,
             prefills=tuple(prefills),
         )
         return StepInputs(

@@ -22,10 +22,12 @@ from engine.errors import (
 # llama.cpp's token types (tokenizer.ggml.token_type).
 CONTROL, USER_DEFINED = 3, 4
 
-# How text is split into words before BPE, by `tokenizer.ggml.pre`; None is GPT-2's own split, built
-# into ByteLevel. We follow transformers' GGUF loader, our reference: it uses GPT-2's split for "smollm",
-# whereas llama.cpp (and SmolLM2's tokenizer.json) also isolate each digit, which tokenizes a run of
-# spaces or newlines before a digit differently ("a  1": 'a','Ġ','Ġ','1' here, 'a','ĠĠ','1' there).
+# How text is split into words before BPE, by `tokenizer.ggml.pre`: None is GPT-2's own split, built
+# into ByteLevel; DIGITS_THEN_GPT2 first isolates every digit, then applies GPT-2's split. That is
+# SmolLM2's own tokenizer.json and llama.cpp's "smollm" rule ("a  1" -> 'a','ĠĠ','1'); transformers'
+# GGUF loader does not know "smollm" and falls back to GPT-2's split ('a','Ġ','Ġ','1'), which gives
+# the model token sequences it never saw in training, so we follow the model here.
+DIGITS_THEN_GPT2 = "digits+gpt2"
 _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -37,7 +39,7 @@ _QWEN2_SPLIT = (
 GGUF_PRE_TOKENIZER_SPLITS: dict[str, str | None] = {
     "default": None,
     "gpt-2": None,
-    "smollm": None,
+    "smollm": DIGITS_THEN_GPT2,
     "llama3": _LLAMA3_SPLIT,
     "llama-v3": _LLAMA3_SPLIT,
     "llama-bpe": _LLAMA3_SPLIT,
@@ -118,6 +120,10 @@ class Tokenizer:
         split = GGUF_PRE_TOKENIZER_SPLITS[pre]
         if split is None:
             backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        elif split == DIGITS_THEN_GPT2:
+            digits = pre_tokenizers.Digits(individual_digits=True)
+            byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+            backend.pre_tokenizer = pre_tokenizers.Sequence([digits, byte_level])
         else:
             backend.pre_tokenizer = pre_tokenizers.Sequence(
                 [

@@ -3,7 +3,8 @@
 A layer's cache is two tensors `k_cache`, `v_cache` of shape [num_blocks, block_size, num_kv_heads,
 head_dim] (see engine/kv_cache.py for the full layout). A sequence's token at position `p` lives in
 slot `block_table[p // block_size] * block_size + p % block_size` of the flattened
-[num_blocks * block_size, num_kv_heads, head_dim] view.
+[num_blocks * block_size, num_kv_heads, head_dim] view; reads gather whole blocks, so gathered
+position `p` of a sequence is exactly its token `p`.
 """
 
 from __future__ import annotations
@@ -20,40 +21,43 @@ def store_kv(
     v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
 
 
-def context_slots(
-    block_tables: torch.Tensor, context_lens: torch.Tensor, block_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat slot of every context position, and which positions are real.
+def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """Whole blocks of one layer's K or V, back to back: [..., nb] ids -> [..., nb * block_size, KVH, D].
 
-    block_tables: [B, max_blocks] int64 (padding entries may hold any valid block id);
-    context_lens: [B].  Returns slots [B, L] and valid [B, L] with L = max(context_lens).
+    Copying whole contiguous blocks (index_select) is several times cheaper than gathering token slots.
     """
-    max_len = int(context_lens.max())
-    pos = torch.arange(max_len, device=block_tables.device)
-    blocks = block_tables[:, pos // block_size]  # [B, L]
-    slots = blocks * block_size + pos % block_size
-    valid = pos[None, :] < context_lens[:, None]
-    return slots, valid
+    _, block_size, num_kv_heads, head_dim = cache.shape
+    out = cache.index_select(0, block_ids.reshape(-1))
+    return out.view(*block_ids.shape[:-1], block_ids.shape[-1] * block_size, num_kv_heads, head_dim)
 
 
-def decode_attention_from_slots(
+def context_mask(context_lens: torch.Tensor, num_positions: int) -> torch.Tensor:
+    """[B, num_positions] bool: which gathered positions hold a sequence's real context."""
+    pos = torch.arange(num_positions, device=context_lens.device)
+    return pos[None, :] < context_lens[:, None]
+
+
+def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    slots: torch.Tensor,
+    block_tables: torch.Tensor,
     valid: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """One query token per sequence over its paged context.  q: [B, H, D] -> [B, H, D]."""
+    """One query token per sequence over its paged context.
+
+    q: [B, H, D]; block_tables: [B, nb] (padding entries may hold any valid block id);
+    valid: [B, nb * block_size] from `context_mask`.  Returns [B, H, D].
+    """
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
-    k = k_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2)  # [B, KVH, L, D]
-    v = v_cache.view(-1, num_kv_heads, head_dim)[slots].transpose(1, 2)
+    k = gather_blocks(k_cache, block_tables).transpose(1, 2)  # [B, KVH, L, D]
+    v = gather_blocks(v_cache, block_tables).transpose(1, 2)
     # The query heads sharing a KV head become the query rows of that head: no KV repetition.
     qg = q.view(batch, num_kv_heads, group, head_dim).to(k.dtype)  # [B, KVH, G, D]
-    mask = valid[:, None, None, :]  # [B, 1, 1, L]
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=valid[:, None, None, :], scale=scale)
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)
 
 
@@ -65,9 +69,9 @@ def paged_decode_attention_ref(
     context_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Decode attention straight from block tables (the Triton kernel's contract)."""
-    slots, valid = context_slots(block_tables, context_lens, k_cache.shape[1])
-    return decode_attention_from_slots(q, k_cache, v_cache, slots, valid, scale)
+    """Decode attention from block tables and context lengths (the Triton kernel's contract)."""
+    valid = context_mask(context_lens, block_tables.shape[1] * k_cache.shape[1])
+    return decode_attention(q, k_cache, v_cache, block_tables, valid, scale)
 
 
 def prefill_attention(
@@ -82,11 +86,13 @@ def prefill_attention(
     Query i sits at position num_prefix + i and sees keys 0..num_prefix + i.
     """
     n, ctx = q.shape[0], k.shape[0]
-    qt, kt, vt = q.transpose(0, 1), k.transpose(0, 1).to(q.dtype), v.transpose(0, 1).to(q.dtype)
+    # 4-D [1, heads, T, D]: with 3-D inputs torch falls back to its O(T^2)-memory math kernel.
+    qt = q.transpose(0, 1)[None]
+    kt, vt = k.transpose(0, 1)[None].to(q.dtype), v.transpose(0, 1)[None].to(q.dtype)
     if num_prefix == 0:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True, scale=scale, enable_gqa=True)
     else:
         rows = torch.arange(n, device=q.device)[:, None] + num_prefix
         mask = torch.arange(ctx, device=q.device)[None, :] <= rows  # [n, ctx]
         out = F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=True)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)

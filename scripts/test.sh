@@ -4,4 +4,5 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 "$root/scripts/setup.sh"
 cd "$root"
+"$root/.venv/bin/ruff" check .
 exec "$root/.venv/bin/python" -m pytest "$@"

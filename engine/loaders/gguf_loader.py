@@ -7,13 +7,14 @@ adjacent (interleaved form); `_unpermute` restores the Hugging Face rotate-half 
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from engine.errors import CorruptCheckpointError
+from engine.errors import CorruptCheckpointError, TokenizerUnavailableError, UnsupportedModelError
 from engine.loaders.gguf_file import GGUFFile
 from engine.model_config import ModelConfig
 
@@ -60,9 +61,14 @@ class GGUFCheckpoint:
         self.config = ModelConfig.from_gguf(self.metadata, "output.weight" in names, name=self.path.stem)
 
     def tokenizer(self):
+        """The embedded tokenizer; None (token-id prompts only) when its kind is not supported."""
         from engine.tokenizer import Tokenizer
 
-        return Tokenizer.from_gguf_metadata(self.metadata)
+        try:
+            return Tokenizer.from_gguf_metadata(self.metadata)
+        except (UnsupportedModelError, TokenizerUnavailableError) as exc:
+            warnings.warn(f"{self.path.name}: serving token ids only, no tokenizer: {exc}", stacklevel=2)
+            return None
 
     @property
     def num_tensors(self) -> int:

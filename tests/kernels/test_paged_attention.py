@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kernels.paged_attention import (
-    context_slots,
+    gather_blocks,
     paged_decode_attention_ref,
     prefill_attention,
     store_kv,
@@ -41,9 +41,8 @@ def test_decode_attention_over_scattered_blocks(num_heads, num_kv_heads):
     q = torch.randn(len(lens), num_heads, head_dim)
     out = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, head_dim**-0.5)
     for i, n in enumerate(lens):
-        slots, _ = context_slots(block_tables[i : i + 1], context_lens[i : i + 1], block_size)
-        k = k_cache.view(-1, num_kv_heads, head_dim)[slots[0]]
-        v = v_cache.view(-1, num_kv_heads, head_dim)[slots[0]]
+        k = gather_blocks(k_cache, block_tables[i])[:n]
+        v = gather_blocks(v_cache, block_tables[i])[:n]
         ref = dense_attention(q[i : i + 1], k, v, head_dim**-0.5)
         torch.testing.assert_close(out[i : i + 1], ref, atol=1e-5, rtol=1e-5)
 
