@@ -32,6 +32,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # None = the model's own context
     seed: int = 0  # for dummy weights and unseeded sampling
+    onednn_linear: bool = True  # CPU only: linear layers through oneDNN with packed weights
 
     def __post_init__(self) -> None:
         name = _DTYPE_ALIASES.get(self.dtype, self.dtype)

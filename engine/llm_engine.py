@@ -41,7 +41,7 @@ class LLMEngine:
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_model_len, loaded.config.max_model_len
         )
-        self.runner = ModelRunner(loaded.model, config.cache, device)
+        self.runner = ModelRunner(loaded.model, config.cache, device, onednn_linear=config.onednn_linear)
         self.scheduler = Scheduler(config.scheduler, self.runner.num_blocks, config.block_size)
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id]

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.block_manager import blocks_needed
+from engine.cpu_linear import pack_linears
 from engine.forward_context import AttentionMetadata, PrefillSegment, forward_context
 from engine.kv_cache import CacheConfig, allocate_kv_cache
 from engine.models.llama import LlamaForCausalLM
@@ -25,7 +26,15 @@ class StepInputs:
 
 
 class ModelRunner:
-    def __init__(self, model: LlamaForCausalLM, cache_config: CacheConfig, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        cache_config: CacheConfig,
+        device: torch.device,
+        onednn_linear: bool = True,
+    ) -> None:
+        if device.type == "cpu" and onednn_linear:
+            pack_linears(model)  # no-op when already packed or unavailable
         self.model = model
         self.config = model.config
         self.device = device

@@ -65,11 +65,15 @@ def checkpoint(request, tmp_path_factory):
     return request.param, path, model
 
 
-def test_loads_and_matches_transformers_logits(checkpoint):
+@pytest.mark.parametrize("onednn_linear", [True, False])
+def test_loads_and_matches_transformers_logits(checkpoint, onednn_linear):
     name, path, hf = checkpoint
     if name == "llama2-sharded":
         assert (path / "model.safetensors.index.json").is_file()
-    engine = LLMEngine(EngineConfig(model=str(path), device="cpu", dtype="float32", kv_cache_memory=4 << 20))
+    config = EngineConfig(
+        model=str(path), device="cpu", dtype="float32", kv_cache_memory=4 << 20, onednn_linear=onednn_linear
+    )
+    engine = LLMEngine(config)
     assert engine.tokenizer is None
     for ids in PROMPTS:
         seq = Sequence("x", list(ids), len(ids), SamplingParams(), 0.0)
