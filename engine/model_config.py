@@ -70,6 +70,7 @@ class ModelConfig:
     qkv_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None
+    rope_freq_factors: tuple[float, ...] | None = None  # GGUF `rope_freqs`: per-frequency divisors
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""

@@ -1,7 +1,8 @@
 """GGUF checkpoints: config and tokenizer from the metadata, tensors dequantized with the `gguf` package.
 
 llama.cpp's converter permutes the rows of Q and K of `llama` models so that rotary pairs are
-adjacent (interleaved form); `_unpermute` restores the Hugging Face rotate-half order.
+adjacent (interleaved form); `_unpermute` restores the Hugging Face rotate-half order. Llama 3.1's
+rope scaling arrives as a `rope_freqs` tensor of per-frequency divisors, kept in the config.
 """
 
 from __future__ import annotations
@@ -57,8 +58,12 @@ class GGUFCheckpoint:
         self.path = Path(path)
         self.file = GGUFFile(self.path)
         self.metadata = self.file.metadata
-        names = {t.name for t in self.file.tensors}
-        self.config = ModelConfig.from_gguf(self.metadata, "output.weight" in names, name=self.path.stem)
+        tensors = {t.name: t for t in self.file.tensors}
+        config = ModelConfig.from_gguf(self.metadata, "output.weight" in tensors, name=self.path.stem)
+        if "rope_freqs.weight" in tensors:  # Llama 3.1 scaling as llama.cpp stores it
+            factors = np.asarray(tensors["rope_freqs.weight"].data, dtype=np.float32)
+            config = config.replace(rope_freq_factors=tuple(float(f) for f in factors.reshape(-1)))
+        self.config = config
 
     def tokenizer(self):
         """The embedded tokenizer; None (token-id prompts only) when its kind is not supported."""
