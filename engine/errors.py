@@ -39,3 +39,7 @@ class InvalidChatMessagesError(PDServeError, ValueError):
 
 class InvalidConfigError(PDServeError, ValueError):
     """An engine, cache or scheduler setting is out of range."""
+
+
+class InsufficientMemoryError(PDServeError, MemoryError):
+    """The model's weights or the asked-for KV cache do not fit the device's free memory."""

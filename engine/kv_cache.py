@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.errors import InvalidConfigError
+from engine.errors import InsufficientMemoryError, InvalidConfigError
 from engine.model_config import ModelConfig
 
 DEFAULT_BLOCK_SIZE = 16
@@ -63,7 +63,7 @@ def allocate_kv_cache(
 ) -> torch.Tensor:
     num_blocks = kv_budget_bytes(cache, device) // block_bytes(model, cache.block_size, dtype)
     if num_blocks < 1:
-        raise MemoryError(
+        raise InsufficientMemoryError(
             f"the KV budget of {kv_budget_bytes(cache, device)} bytes holds no block of "
             f"{block_bytes(model, cache.block_size, dtype)} bytes; raise the cache memory"
         )

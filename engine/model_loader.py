@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from engine.errors import ModelNotFoundError
+from engine.errors import InsufficientMemoryError, ModelNotFoundError
 from engine.loaders.gguf_loader import GGUFCheckpoint
 from engine.loaders.safetensors_loader import HFCheckpoint
 from engine.model_config import ModelConfig
@@ -79,9 +79,32 @@ def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
                 p.normal_(0.0, 0.02, generator=gen)
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (None when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+    need = config.num_params() * dtype.itemsize
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise InsufficientMemoryError(
+            f"{config.name or 'the model'} needs {need / 2**30:.1f} GiB for its weights in {dtype} but "
+            f"{device} has {free / 2**30:.1f} GiB free; use a smaller model or dtype, or another device"
+        )
+
+
 def load_model(model: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoadedModel:
     source = resolve_checkpoint(model)
     config = source if isinstance(source, ModelConfig) else source.config
+    check_weights_fit(config, dtype, device)
     with torch.device("meta"):
         net = LlamaForCausalLM(config)
     net = net.to(dtype).to_empty(device=device)

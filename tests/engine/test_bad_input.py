@@ -11,6 +11,7 @@ import torch
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.errors import (
     CorruptCheckpointError,
+    InsufficientMemoryError,
     InvalidConfigError,
     InvalidPromptError,
     InvalidSamplingParamsError,
@@ -178,6 +179,16 @@ def test_bad_request_in_batch_fails_alone(embedded_llm):
     assert alone.token_ids == outs[3].token_ids
     with pytest.raises(PromptTooLongError):
         embedded_llm.generate(too_long, params)  # a single prompt raises
+
+
+def test_model_too_big_for_memory_is_refused_before_allocating():
+    with pytest.raises(InsufficientMemoryError, match="GiB for its weights"):
+        make_engine("dummy:llama-3.1-70b")  # 280 GiB in float32
+
+
+def test_kv_budget_smaller_than_a_block():
+    with pytest.raises(InsufficientMemoryError, match="holds no block"):
+        LLMEngine(EngineConfig(model="dummy:smollm2-135m", device="cpu", kv_cache_memory=1024))
 
 
 def test_text_prompt_without_tokenizer():
