@@ -66,7 +66,8 @@ def _stream(engine, prompt, params) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from engine import EngineConfig, LLMEngine
+    from engine import LLM, EngineConfig, LLMEngine
+    from engine.errors import TokenizerUnavailableError
 
     engine = LLMEngine(
         EngineConfig(
@@ -78,12 +79,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         )
     )
     params = _sampling_params(args)
+    if engine.tokenizer is None:
+        raise TokenizerUnavailableError(
+            f"model {args.model!r} has no tokenizer, so pdserve generate cannot take text; "
+            "use a checkpoint with tokenizer.json or a GGUF file with tokenizer metadata"
+        )
+    llm = LLM.from_engine(engine)
 
     def prompt_of(history):
-        if not args.chat:
-            return history[-1]["content"]
-        text = engine.tokenizer.apply_chat_template(history, add_generation_prompt=True)
-        return engine.tokenizer.encode(text, add_special_tokens=False)
+        return llm.chat_prompt_ids(history) if args.chat else history[-1]["content"]
 
     if not args.interactive:
         if args.prompt is None:

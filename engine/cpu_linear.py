@@ -38,10 +38,10 @@ def onednn_linear_available(dtype: torch.dtype) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     try:
-        torch.manual_seed(0)
-        ref = nn.Linear(64, 48).to(dtype)
-        x = torch.randn(5, 64, dtype=dtype)
-        with torch.inference_mode():
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():  # the caller's RNG stays as it was
+            torch.manual_seed(0)
+            ref = nn.Linear(64, 48).to(dtype)
+            x = torch.randn(5, 64, dtype=dtype)
             out = PackedLinear(ref)(x)
             expected = ref(x)
         tol = 1e-4 if dtype == torch.float32 else 5e-2

@@ -31,7 +31,7 @@ class EngineConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     max_model_len: int | None = None  # None = the model's own context
-    seed: int = 0  # for dummy weights and unseeded sampling
+    seed: int = 0  # seeds dummy:<preset> random weights; sampling seeds are per request
     onednn_linear: bool = True  # CPU only: linear layers through oneDNN with packed weights
 
     def __post_init__(self) -> None:
@@ -41,6 +41,13 @@ class EngineConfig:
                 f"dtype {self.dtype!r} is not supported; choose auto, {', '.join(DTYPES)}"
             )
         object.__setattr__(self, "dtype", name)
+        _check_device(self.device)
+        if self.kv_cache_memory is not None and (
+            isinstance(self.kv_cache_memory, bool) or not isinstance(self.kv_cache_memory, int)
+        ):
+            raise InvalidConfigError(
+                f"kv_cache_memory is a number of bytes (int), got {type(self.kv_cache_memory).__name__}"
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         self.cache, self.scheduler  # noqa: B018 - validate the derived configs now, not at first use
@@ -67,3 +74,15 @@ class EngineConfig:
     @property
     def scheduler(self) -> SchedulerConfig:
         return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)
+
+
+def _check_device(device: str) -> None:
+    """Reject device strings torch cannot parse or that pdserve does not run on, before any work."""
+    if device == "auto":
+        return
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise InvalidConfigError(f"device {device!r} is not supported; choose auto, cpu, cuda or cuda:N")

@@ -17,7 +17,12 @@ from collections.abc import Sequence as Seq
 
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_config import EngineConfig
-from engine.errors import InvalidPromptError, PromptTooLongError, TokenizerUnavailableError
+from engine.errors import (
+    InvalidPromptError,
+    PDServeError,
+    PromptTooLongError,
+    TokenizerUnavailableError,
+)
 from engine.model_loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput, RequestTimeline
@@ -41,7 +46,18 @@ class LLMEngine:
         self.max_model_len = min(
             config.max_model_len or loaded.config.max_model_len, loaded.config.max_model_len
         )
-        self.runner = ModelRunner(loaded.model, config.cache, device, onednn_linear=config.onednn_linear)
+        # Ids the model can embed and the tokenizer can spell; models often pad their vocabulary
+        # past the tokenizer's (Qwen2.5: 152064 rows, 151665 tokens), and those rows are never sampled.
+        self.vocab_size = loaded.config.vocab_size
+        if self.tokenizer is not None:
+            self.vocab_size = min(self.vocab_size, self.tokenizer.vocab_size)
+        self.runner = ModelRunner(
+            loaded.model,
+            config.cache,
+            device,
+            onednn_linear=config.onednn_linear,
+            sample_vocab_size=self.vocab_size,
+        )
         self.scheduler = Scheduler(config.scheduler, self.runner.num_blocks, config.block_size)
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id]
@@ -51,6 +67,7 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._texts: dict[str, str] = {}
+        self._errors: dict[str, PDServeError] = {}
         self._ids = itertools.count()
 
     # --- requests -----------------------------------------------------------------------------
@@ -64,10 +81,10 @@ class LLMEngine:
             ids = self.tokenizer.encode(prompt)
         elif isinstance(prompt, Seq) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
-            bad = [t for t in ids if not 0 <= t < self.model_config.vocab_size]
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
             if bad:
                 raise InvalidPromptError(
-                    f"token ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})"
+                    f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})"
                 )
         else:
             raise InvalidPromptError(
@@ -84,6 +101,11 @@ class LLMEngine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidPromptError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if params.stop and self.tokenizer is None:
+            raise TokenizerUnavailableError(
+                f"model {self.config.model!r} has no tokenizer, so stop strings cannot be matched; "
+                "use stop_token_ids instead"
+            )
         ids = self.tokenize(prompt)
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(
@@ -151,9 +173,21 @@ class LLMEngine:
             seq.output_logprobs.append(sampled.logprobs[i])
             seq.output_top_logprobs.append(sampled.top_logprobs[i])
             i += 1
-            self._append_token(seq, token, now)
+            try:
+                self._append_token(seq, token, now)
+            except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the others
+                self._fail(seq, exc)
             updated.append(seq)
         return updated
+
+    def _fail(self, seq: Sequence, exc: Exception) -> None:
+        """Finish `seq` with finish_reason "error" (blocks freed), keeping the cause for its output."""
+        if not seq.is_finished:
+            self.scheduler.finish(seq, "error")
+            seq.finished_time = time.monotonic()
+        self._errors[seq.request_id] = (
+            exc if isinstance(exc, PDServeError) else PDServeError(f"request failed: {exc!r}")
+        )
 
     def _append_token(self, seq: Sequence, token: int, now: float) -> None:
         seq.token_ids.append(token)
@@ -190,11 +224,16 @@ class LLMEngine:
 
     def _output(self, seq: Sequence) -> RequestOutput:
         want_logprobs = seq.params.logprobs is not None
+        text = self._texts[seq.request_id]
+        if seq.params.stop and not seq.is_finished:
+            # Hold back a tail that could still become the start of a stop string, so streamed text
+            # is never retracted: a stop found later starts at or after what was shown.
+            text = text[: max(0, len(text) - (max(map(len, seq.params.stop)) - 1))]
         return RequestOutput(
             request_id=seq.request_id,
             prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
             token_ids=seq.output_token_ids,
-            text=self._texts[seq.request_id],
+            text=text,
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
             logprobs=list(seq.output_logprobs) if want_logprobs else None,
@@ -202,12 +241,14 @@ class LLMEngine:
             timeline=RequestTimeline(
                 seq.arrival_time, seq.first_scheduled_time, seq.first_token_time, seq.finished_time
             ),
+            error=self._errors.get(seq.request_id),
         )
 
     def _pop_output(self, seq: Sequence) -> RequestOutput:
         out = self._output(seq)
         del self._seqs[seq.request_id], self._texts[seq.request_id]
         self._detok.pop(seq.request_id, None)
+        self._errors.pop(seq.request_id, None)
         return out
 
 

@@ -193,8 +193,14 @@ class ModelConfig:
         hidden = int(get("embedding_length"))
         vocab = meta.get(f"{arch}.vocab_size") or len(meta.get("tokenizer.ggml.tokens", ()))
         scaling = None
-        if meta.get(f"{arch}.rope.scaling.type") == "linear":
+        scaling_type = meta.get(f"{arch}.rope.scaling.type", "none")
+        if scaling_type == "linear":
             scaling = {"rope_type": "linear", "factor": meta.get(f"{arch}.rope.scaling.factor", 1.0)}
+        elif scaling_type != "none":  # yarn etc.: running it unscaled would silently give wrong output
+            raise UnsupportedModelError(
+                f"GGUF rope scaling type {scaling_type!r} is not supported; supported: none, linear "
+                "(Llama 3.1 scaling arrives as rope_freqs and is supported)"
+            )
         eos = meta.get("tokenizer.ggml.eos_token_id")
         return cls(
             architecture=arch,

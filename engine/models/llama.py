@@ -126,12 +126,12 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy Hugging Face-named tensors into this model; every parameter must be filled exactly once."""
         params = dict(self.named_parameters(remove_duplicate=False))
-        expected: dict[str, int] = {}  # parameter name -> shards still missing
+        missing_shards: dict[str, set[int | None]] = {}  # parameter name -> shard indices not yet read
         for name in params:
             if name == "lm_head.weight" and self.config.tie_word_embeddings:
                 continue
             fused = next((f for f in ("qkv_proj", "gate_up_proj") if f".{f}." in name), None)
-            expected[name] = len(self._shard_sizes(fused)) if fused else 1
+            missing_shards[name] = set(range(len(self._shard_sizes(fused)))) if fused else {None}
         for hf_name, tensor in weights:
             if "rotary_emb" in hf_name:
                 continue
@@ -155,9 +155,11 @@ class LlamaForCausalLM(nn.Module):
                     f"checkpoint tensor {hf_name!r} has shape {tuple(tensor.shape)}, "
                     f"the config implies {tuple(target.shape)}"
                 )
+            if shard not in missing_shards[name]:
+                raise CorruptCheckpointError(f"checkpoint tensor {hf_name!r} appears twice")
             target.copy_(tensor)
-            expected[name] -= 1
-        missing = sorted(n for n, left in expected.items() if left > 0)
+            missing_shards[name].discard(shard)
+        missing = sorted(n for n, left in missing_shards.items() if left)
         if missing:
             raise CorruptCheckpointError(
                 f"checkpoint lacks {len(missing)} tensor(s), e.g. {missing[:3]}; "

@@ -62,6 +62,18 @@ def test_bad_model_is_a_clear_error_not_a_traceback(tmp_path):
     assert "pdserve: error: model" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_text_generation_without_a_tokenizer_says_so():
+    proc = subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "generate", "--model", "dummy:smollm2-135m", "--chat"]
+        + ["--device", "cpu", "--kv-cache-memory", str(4 << 20), "--prompt", "hi"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "has no tokenizer" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_parser_defaults():
     args = build_parser().parse_args(["generate", "--prompt", "x"])
     assert args.model == "smollm2-135m" and args.temperature == 0.0 and args.max_tokens == 128

@@ -207,3 +207,147 @@ def test_bad_engine_config():
     if not torch.cuda.is_available():
         with pytest.raises(InvalidConfigError, match="no CUDA"):
             EngineConfig(device="cuda:0").torch_device  # noqa: B018
+
+
+def test_bad_device_and_kv_memory_are_config_errors():
+    with pytest.raises(InvalidConfigError, match="device 'gpu'"):
+        EngineConfig(device="gpu")
+    with pytest.raises(InvalidConfigError, match="device 'mps'"):
+        EngineConfig(device="mps")
+    with pytest.raises(InvalidConfigError, match="kv_cache_memory is a number of bytes"):
+        EngineConfig(kv_cache_memory="1GB")
+
+
+def test_stop_strings_need_a_tokenizer():
+    engine = LLMEngine(EngineConfig(model="dummy:smollm2-135m", device="cpu", kv_cache_memory=4 << 20))
+    with pytest.raises(TokenizerUnavailableError, match="stop_token_ids"):
+        engine.add_request([1, 2, 3], SamplingParams(stop=("\n",)))
+    assert not engine.has_unfinished_requests()
+
+
+def test_gguf_rope_scaling_it_cannot_run_is_refused(embedded_gguf_path):
+    from engine.loaders.gguf_loader import GGUFCheckpoint
+    from engine.model_config import ModelConfig
+
+    meta = dict(GGUFCheckpoint(embedded_gguf_path).metadata)
+    meta["llama.rope.scaling.type"] = "yarn"
+    with pytest.raises(UnsupportedModelError, match="'yarn'"):
+        ModelConfig.from_gguf(meta, has_output_weight=False)
+
+
+def test_duplicated_tensor_cannot_hide_a_missing_one(tiny_llama_dir):
+    from safetensors.torch import load_file
+
+    from engine.model_config import ModelConfig
+    from engine.models.llama import LlamaForCausalLM
+
+    weights = load_file(tiny_llama_dir / "model.safetensors")
+    k_name = "model.layers.0.self_attn.k_proj.weight"
+    q_name = "model.layers.0.self_attn.q_proj.weight"
+    items = [(n, t) for n, t in weights.items() if n != k_name] + [(q_name, weights[q_name])]
+    config = ModelConfig.from_hf(json.loads((tiny_llama_dir / "config.json").read_text()))
+    with pytest.raises(CorruptCheckpointError, match="appears twice"):
+        LlamaForCausalLM(config).load_weights(items)
+
+
+@pytest.fixture(scope="module")
+def padded_vocab_dir(tmp_path_factory):
+    """A checkpoint whose embedding has 300 rows but whose tokenizer spells only 40 tokens (like
+    Qwen2.5's padded vocabulary), plus a generation_config.json naming a second EOS id."""
+    import tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("padded")
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        eos_token_id=2,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    words = ["<unk>", "<s>", "</s>", *[f"w{i}" for i in range(37)]]
+    backend = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(words)}, "<unk>"))
+    backend.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    backend.decoder = tokenizers.decoders.WordPiece()  # joins with spaces
+    backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7]}))
+    return path
+
+
+def test_padded_vocabulary_rows_are_never_prompted_or_sampled(padded_vocab_dir):
+    engine = make_engine(str(padded_vocab_dir))
+    assert engine.vocab_size == 40 and engine.model_config.vocab_size == 300
+    assert engine.eos_token_ids == {2, 7}  # config.json's and generation_config.json's
+    with pytest.raises(InvalidPromptError, match=r"outside the vocabulary \[0, 40\)"):
+        engine.add_request([3, 250])
+    # Random weights spread probability almost evenly over all 300 rows: unmasked, ~87% of draws
+    # would land on ids the tokenizer cannot spell.
+    from engine import LLM
+
+    params = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True, seed=1)
+    outs = LLM.from_engine(engine).generate([[3, 4, 5]] * 4, params)
+    assert all(o.finish_reason == "length" for o in outs)
+    assert all(0 <= t < 40 for o in outs for t in o.token_ids)
+
+
+def test_request_failing_mid_generation_finishes_alone(embedded_loaded):
+    config = EngineConfig(device="cpu", dtype="float32", kv_cache_memory=64 << 20)
+    engine = LLMEngine(config, loaded=embedded_loaded)
+    free = engine.num_free_blocks
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    doomed = engine.add_request("The capital of France is", params)
+    healthy = engine.add_request("Once upon a time", params)
+    def broken(token_id):
+        raise RuntimeError("detokenizer exploded")
+
+    engine._detok[doomed].add_token = broken
+    outs = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                outs[out.request_id] = out
+    assert outs[doomed].finish_reason == "error" and "exploded" in str(outs[doomed].error)
+    assert outs[healthy].finish_reason == "length" and len(outs[healthy].token_ids) == 6
+    assert engine.num_free_blocks == free
+    # The engine keeps serving: the same prompt again gives the same tokens.
+    again = engine.add_request("Once upon a time", params)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                assert out.request_id == again and out.token_ids == outs[healthy].token_ids
+
+
+def test_interrupted_generate_leaves_no_request_behind(embedded_llm, monkeypatch):
+    engine = embedded_llm.engine
+    free = engine.num_free_blocks
+    calls = 0
+    real_step = engine.step
+
+    def step_then_interrupt():
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise KeyboardInterrupt
+        return real_step()
+
+    monkeypatch.setattr(engine, "step", step_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        embedded_llm.generate(["Hello", "Good morning"], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert not engine.has_unfinished_requests() and engine.num_free_blocks == free
+
+
+def test_bad_conversation_in_a_chat_batch_fails_alone(embedded_llm):
+    from engine.errors import InvalidChatMessagesError
+
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    good = [{"role": "user", "content": "Hi"}]
+    outs = embedded_llm.chat([good, [{"role": "user"}], good], params)
+    assert [o.finish_reason for o in outs] == ["length", "error", "length"]
+    assert isinstance(outs[1].error, InvalidChatMessagesError)
+    assert outs[0].token_ids == outs[2].token_ids
+    assert embedded_llm.chat([]) == [] and embedded_llm.generate([]) == []

@@ -39,3 +39,12 @@ def test_engine_switch_keeps_torch_linears(embedded_gguf_path):
     model = engine.runner.model
     assert not any(isinstance(m, PackedLinear) for m in model.modules())
     assert sum(type(m) is nn.Linear for m in model.modules()) == 4 * 30 + 1
+
+
+def test_self_check_leaves_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(4)
+    torch.manual_seed(123)
+    onednn_linear_available.cache_clear()
+    assert onednn_linear_available(torch.float32)
+    torch.testing.assert_close(torch.rand(4), expected, atol=0, rtol=0)

@@ -43,6 +43,21 @@ def test_stop_string_truncates_text(embedded_llm, prompt_ids):
     assert len(out.token_ids) < len(full.token_ids)
 
 
+def test_streamed_text_is_never_retracted_by_a_stop_string(embedded_llm, prompt_ids):
+    full = embedded_llm.generate(prompt_ids[0], GREEDY, use_tqdm=False)[0]
+    cut = len(full.text) // 2
+    stop = full.text[cut : cut + 6]  # spans token boundaries, so it appears over several steps
+    engine = embedded_llm.engine
+    rid = engine.add_request(prompt_ids[0], SamplingParams(temperature=0, max_tokens=24, stop=[stop]))
+    shown: list[str] = []
+    while engine.has_unfinished_requests():
+        shown += [o.text for o in engine.step() if o.request_id == rid]
+    final = full.text[: full.text.index(stop)]
+    assert shown[-1] == final
+    for before, after in zip(shown, shown[1:], strict=False):
+        assert after.startswith(before), (before, after)  # each output extends the last one
+
+
 def test_stop_token_ids(embedded_llm, prompt_ids):
     full = embedded_llm.generate(prompt_ids[1], GREEDY)[0]
     stop_token = full.token_ids[5]
