@@ -18,11 +18,14 @@ class PagedAttention(nn.Module):
         self.scale = head_dim**-0.5
         self.k_cache: torch.Tensor | None = None  # [num_blocks, block_size, KVH, D]
         self.v_cache: torch.Tensor | None = None
+        self.layer_idx = 0  # set with the caches
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KVH, D] -> [T, H, D]
         meta = get_attention_metadata()
         store_kv(self.k_cache, self.v_cache, meta.slot_mapping, k, v)
+        if meta.on_layer_stored is not None:
+            meta.on_layer_stored(self.layer_idx)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:

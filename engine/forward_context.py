@@ -10,7 +10,7 @@ decode rows (one token each), then the prefill chunks (several tokens each)::
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -32,6 +32,9 @@ class AttentionMetadata:
     decode_block_tables: torch.Tensor | None  # [num_decodes, nb] padded block tables of the decode rows
     decode_valid: torch.Tensor | None  # [num_decodes, nb * block_size] bool: real context positions
     prefills: tuple[PrefillSegment, ...]
+    # Called with the layer index once that layer's new K/V are in the cache (before it attends):
+    # a prefill worker streams each finished layer to decode while later layers compute.
+    on_layer_stored: Callable[[int], None] | None = None
 
 
 _current: AttentionMetadata | None = None

@@ -3,6 +3,8 @@ the model over the paged KV cache, compute logits only where a token is sampled,
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +53,9 @@ class ModelRunner:
 
     def _bind_cache(self) -> None:
         # Bound per step, not once: engines built over one loaded model (tests, benchmarks) stay correct.
-        for attn, (k, v) in zip(self.model.attention_layers(), self._layer_caches, strict=True):
-            attn.k_cache, attn.v_cache = k, v
+        layers = zip(self.model.attention_layers(), self._layer_caches, strict=True)
+        for i, (attn, (k, v)) in enumerate(layers):
+            attn.k_cache, attn.v_cache, attn.layer_idx = k, v, i
 
     @property
     def num_blocks(self) -> int:
@@ -112,17 +115,35 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def compute_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
-        """Logits [S, vocab] (float32) for the chunks that end their sequence, in chunk order."""
+    def compute_logits(
+        self, chunks: list[ScheduledChunk], on_layer_stored: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        """Logits [S, vocab] (float32) for the chunks that end their sequence, in chunk order.
+        `on_layer_stored(layer)` runs as each layer's K/V land in the cache (layer-wise KV transfer)."""
         inputs = self.prepare(chunks)
+        if on_layer_stored is not None:
+            inputs = dataclasses.replace(
+                inputs, metadata=dataclasses.replace(inputs.metadata, on_layer_stored=on_layer_stored)
+            )
         self._bind_cache()
         with forward_context(inputs.metadata):
             hidden = self.model(inputs.input_ids, inputs.positions)
         return self.model.compute_logits(hidden[inputs.sample_rows]).float()
 
-    def execute(self, chunks: list[ScheduledChunk]) -> SamplerOutput | None:
+    @torch.inference_mode()
+    def compute_all_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
+        """Logits [T, vocab] (float32) at every token the chunks compute (perplexity evaluation)."""
+        inputs = self.prepare(chunks)
+        self._bind_cache()
+        with forward_context(inputs.metadata):
+            hidden = self.model(inputs.input_ids, inputs.positions)
+        return self.model.compute_logits(hidden).float()
+
+    def execute(
+        self, chunks: list[ScheduledChunk], on_layer_stored: Callable[[int], None] | None = None
+    ) -> SamplerOutput | None:
         sampling = [c.seq for c in chunks if c.samples]
-        logits = self.compute_logits(chunks)
+        logits = self.compute_logits(chunks, on_layer_stored)
         if not sampling:
             return None
         logits = logits[:, : self.sample_vocab_size]

@@ -1,0 +1,120 @@
+"""Which codec a transfer uses, how big its payloads are, and the calls that run it: the Triton
+kernels on a GPU, the torch reference (kernels/kv_quant.py) on the CPU, then the optional lossless
+stage (zstd or lz4, on the host) on top of any codec.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kernels.kv_quant import CODECS, decode_ref, encode_ref, layer_nbytes
+from kv_transfer.errors import FrameError, UnknownCodecError
+from kv_transfer.layout import KVLayout
+
+LOSSLESS = ("", "zstd", "lz4")
+_SCALE_LAYOUTS = {
+    "none": "",
+    "fp8": "k,v:f32[block,head]",
+    "int8": "k:f16[block,head,2]+u8[block,head,channel];v:f16[block,head,2]+u8[block,token,head]",
+    "int4": "k:f16[block,head,2]+u8[block,head,channel];v:f16[block,head,2]+u8[block,token,head]",
+}
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    name: str = "none"  # none | fp8 | int8 | int4
+    lossless: str = ""  # "" | zstd | lz4
+    zstd_level: int = 1  # fast levels: the stage must keep up with the link
+
+    def __post_init__(self) -> None:
+        if self.name not in CODECS:
+            raise UnknownCodecError(f"unknown KV codec {self.name!r}; choose one of {', '.join(CODECS)}")
+        if self.lossless not in LOSSLESS:
+            raise UnknownCodecError(f"unknown lossless stage {self.lossless!r}; choose zstd, lz4 or none")
+
+    @property
+    def scale_layout(self) -> str:
+        return _SCALE_LAYOUTS[self.name]
+
+    def raw_nbytes(self, layout: KVLayout, num_blocks: int, num_layers: int) -> int:
+        """Payload bytes before the lossless stage for `num_layers` layers of `num_blocks` blocks."""
+        t, h, d = layout.block_shape
+        return num_layers * layer_nbytes(self.name, num_blocks, t, h, d, layout.torch_dtype.itemsize)
+
+    def compression_ratio(self, layout: KVLayout, num_blocks: int, baseline: torch.dtype) -> float:
+        """Original KV bytes in `baseline` dtype over encoded bytes (scales included, lossless excluded)."""
+        original = layout.bytes_per_block_layer // layout.torch_dtype.itemsize * baseline.itemsize
+        return original * num_blocks / self.raw_nbytes(layout, num_blocks, 1)
+
+
+def encode(
+    spec: CodecSpec, cache: torch.Tensor, layers: tuple[int, int], block_ids: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Quantize + pack layers [a, b) of `block_ids` straight from `cache` into `out` (uint8, raw size)."""
+    if cache.is_cuda and spec.name != "none":
+        from kernels.kv_quant_triton import encode_triton
+
+        encode_triton(cache, layers, block_ids, spec.name, out)
+    else:
+        encode_ref(cache, layers, block_ids, spec.name, out)
+
+
+def decode(
+    spec: CodecSpec,
+    payload: torch.Tensor,
+    cache: torch.Tensor,
+    layers: tuple[int, int],
+    block_ids: torch.Tensor,
+) -> None:
+    """Unpack + dequantize a raw payload straight into `cache` at `block_ids` (the receiver's blocks)."""
+    payload = payload.to(cache.device, non_blocking=True)
+    if cache.is_cuda and spec.name != "none":
+        from kernels.kv_quant_triton import decode_triton
+
+        decode_triton(payload, cache, layers, block_ids, spec.name)
+    else:
+        decode_ref(payload, cache, layers, block_ids, spec.name)
+
+
+def compress(spec: CodecSpec, raw: torch.Tensor) -> torch.Tensor:
+    """The lossless stage on a raw payload; returns `raw` itself when there is none."""
+    if not spec.lossless:
+        return raw
+    data = raw.cpu().numpy()
+    if spec.lossless == "zstd":
+        import zstandard
+
+        packed = zstandard.ZstdCompressor(level=spec.zstd_level).compress(data)
+    else:
+        import lz4.frame
+
+        packed = lz4.frame.compress(data, store_size=True)
+    return torch.frombuffer(bytearray(packed), dtype=torch.uint8)
+
+
+def decompress(lossless: str, payload: torch.Tensor, raw_len: int) -> torch.Tensor:
+    """Undo the lossless stage; the result must be exactly `raw_len` bytes (FrameError otherwise)."""
+    if not lossless:
+        return payload
+    data = payload.cpu().numpy()
+    try:
+        if lossless == "zstd":
+            import zstandard
+
+            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_len)
+        else:
+            import lz4.frame
+
+            declared = lz4.frame.get_frame_info(data)["content_size"]
+            if declared != raw_len:  # checked first: a forged size must not make us allocate it
+                raise FrameError(f"lz4 payload declares {declared} bytes, the header says {raw_len}")
+            raw = lz4.frame.decompress(data)
+    except FrameError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - each library raises its own error type
+        raise FrameError(f"{lossless} payload does not decompress: {exc}") from exc
+    if len(raw) != raw_len:
+        raise FrameError(f"{lossless} payload decompresses to {len(raw)} bytes, the header says {raw_len}")
+    return torch.frombuffer(bytearray(raw), dtype=torch.uint8)

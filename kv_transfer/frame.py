@@ -1,0 +1,239 @@
+"""The KV frame: the unit every transport moves. This module writes and checks its layout.
+
+    offset   size  field
+    0        4     magic  b"PDKV"
+    4        4     H: header length, uint32 little-endian (at most MAX_HEADER_BYTES)
+    8        H     header: a msgpack map, keys below
+    8 + H    P     payload: P bytes, the codec's output for layers [layer_start, layer_end) of the
+                   frame's blocks (kv_transfer.codecs describes its inner layout), after the
+                   optional lossless stage
+
+    header key   meaning
+    v            wire format version (FORMAT_VERSION); another version is refused
+    req          request id
+    fp           fingerprint of model and cache layout (kv_transfer.layout.KVLayout.fingerprint)
+    layers       [layer_start, layer_end)
+    blocks       the sender's block ids, in request order (diagnostics; the receiver's differ)
+    first        index of blocks[0] within the request's block table; the receiver writes block i
+                 of the frame into its own reserved block table[first + i]
+    bs kvh hd    block size, KV heads, head dim
+    dtype        the cache dtype (float32 | bfloat16 | float16)
+    codec        none | fp8 | int8 | int4
+    scales       the codec's scale layout, e.g. "k:block,head,channel;v:block,token,head;f16"
+    lossless     "" | zstd | lz4
+    raw          payload length before the lossless stage (P when lossless is "")
+    plen         P
+    csum alg     checksum of the P payload bytes and its algorithm: xxh3_64 for host payloads,
+                 sum64 (position-weighted 64-bit word sum, computed on the device) for GPU ones
+
+Checks, in order, each with its own error: magic and header length (TruncatedFrameError,
+FrameTooLargeError), msgpack and field types (FrameError), version (UnsupportedVersionError), codec
+and lossless names (UnknownCodecError), layout and fingerprint (LayoutMismatchError /
+FingerprintMismatchError, in kv_transfer.receiver), payload length (TruncatedFrameError),
+checksum (ChecksumMismatchError).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import asdict, dataclass
+
+import msgpack
+import torch
+import xxhash
+
+from kv_transfer.errors import (
+    ChecksumMismatchError,
+    FrameError,
+    FrameTooLargeError,
+    TruncatedFrameError,
+    UnknownCodecError,
+    UnsupportedVersionError,
+)
+
+MAGIC = b"PDKV"
+FORMAT_VERSION = 1
+PREFIX = struct.Struct("<4sI")  # magic, header length
+MAX_HEADER_BYTES = 1 << 20
+CODECS = ("none", "fp8", "int8", "int4")
+LOSSLESS = ("", "zstd", "lz4")
+CHECKSUMS = ("xxh3_64", "sum64")
+
+_FIELDS = {  # wire key -> (attribute, type)
+    "v": ("version", int),
+    "req": ("request_id", str),
+    "fp": ("fingerprint", str),
+    "layers": ("layers", list),
+    "blocks": ("block_ids", list),
+    "first": ("first_block", int),
+    "bs": ("block_size", int),
+    "kvh": ("num_kv_heads", int),
+    "hd": ("head_dim", int),
+    "dtype": ("dtype", str),
+    "codec": ("codec", str),
+    "scales": ("scale_layout", str),
+    "lossless": ("lossless", str),
+    "raw": ("raw_len", int),
+    "plen": ("payload_len", int),
+    "csum": ("checksum", int),
+    "alg": ("checksum_alg", str),
+}
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    version: int
+    request_id: str
+    fingerprint: str
+    layers: tuple[int, int]
+    block_ids: tuple[int, ...]
+    first_block: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+    codec: str
+    scale_layout: str
+    lossless: str
+    raw_len: int
+    payload_len: int
+    checksum: int
+    checksum_alg: str
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.block_ids)
+
+    @property
+    def layer_range(self) -> range:
+        return range(*self.layers)
+
+    def encode(self) -> bytes:
+        """magic + header length + msgpack header: the frame's bytes before the payload."""
+        values = asdict(self)
+        body = msgpack.packb(
+            {
+                key: list(values[attr]) if isinstance(values[attr], tuple) else values[attr]
+                for key, (attr, _) in _FIELDS.items()
+            }
+        )
+        return PREFIX.pack(MAGIC, len(body)) + body
+
+
+def header_length(prefix: bytes | memoryview) -> int:
+    """The header length a frame's first 8 bytes declare (checks the magic)."""
+    if len(prefix) < PREFIX.size:
+        raise TruncatedFrameError(f"a frame starts with {PREFIX.size} bytes, got {len(prefix)}")
+    magic, length = PREFIX.unpack_from(prefix)
+    if magic != MAGIC:
+        raise FrameError(f"not a KV frame: magic {bytes(magic)!r}, expected {MAGIC!r}")
+    if length > MAX_HEADER_BYTES:
+        raise FrameTooLargeError(f"frame header of {length} bytes exceeds {MAX_HEADER_BYTES}")
+    return length
+
+
+def decode_header(data: bytes | memoryview) -> FrameHeader:
+    """Parse and type-check the header at the start of `data` (magic, length, msgpack map)."""
+    length = header_length(data)
+    if len(data) < PREFIX.size + length:
+        raise TruncatedFrameError(
+            f"the frame header declares {length} bytes but {len(data) - PREFIX.size} arrived"
+        )
+    try:
+        raw = msgpack.unpackb(bytes(data[PREFIX.size : PREFIX.size + length]), strict_map_key=True)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise FrameError(f"frame header is not valid msgpack: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise FrameError(f"frame header must be a map, got {type(raw).__name__}")
+    request_id = raw.get("req") if isinstance(raw.get("req"), str) else None
+    try:
+        return _check_fields(raw)
+    except FrameError as exc:
+        exc.request_id = request_id  # so the receiver can fail that request's transfer
+        raise
+
+
+def _check_fields(raw: dict) -> FrameHeader:
+    version = raw.get("v")
+    if version != FORMAT_VERSION:
+        raise UnsupportedVersionError(
+            f"KV frame format version {version!r}; this pdserve reads version {FORMAT_VERSION}"
+        )
+    missing = [k for k in _FIELDS if k not in raw]
+    unknown = [k for k in raw if k not in _FIELDS]
+    if missing or unknown:
+        raise FrameError(f"frame header has missing keys {missing} / unknown keys {unknown}")
+    values = {}
+    for key, (attr, kind) in _FIELDS.items():
+        value = raw[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise FrameError(f"frame header field {key!r} must be {kind.__name__}, got {value!r:.80}")
+        values[attr] = value
+    layers, blocks = values["layers"], values["block_ids"]
+    if len(layers) != 2 or not all(isinstance(x, int) for x in layers) or not 0 <= layers[0] < layers[1]:
+        raise FrameError(f"frame layer range {layers!r:.80} is not [start, end) with 0 <= start < end")
+    if not blocks or not all(isinstance(b, int) and b >= 0 for b in blocks):
+        raise FrameError("frame block ids must be a non-empty list of non-negative ints")
+    for attr in ("first_block", "block_size", "num_kv_heads", "head_dim", "raw_len", "payload_len"):
+        if values[attr] < (0 if attr in ("first_block", "raw_len", "payload_len") else 1):
+            raise FrameError(f"frame header field {attr} out of range: {values[attr]}")
+    if values["codec"] not in CODECS:
+        raise UnknownCodecError(f"unknown KV codec {values['codec']!r}; known: {', '.join(CODECS)}")
+    if values["lossless"] not in LOSSLESS:
+        raise UnknownCodecError(f"unknown lossless stage {values['lossless']!r}; known: zstd, lz4")
+    if values["checksum_alg"] not in CHECKSUMS:
+        raise UnknownCodecError(f"unknown checksum {values['checksum_alg']!r}; known: {CHECKSUMS}")
+    values["layers"], values["block_ids"] = tuple(layers), tuple(blocks)
+    return FrameHeader(**values)
+
+
+def peek_request_id(header: bytes | memoryview) -> str | None:
+    """The request id a header names, read without validating anything else (None if unreadable).
+    Transports use it to file a receiver's error under the right request."""
+    try:
+        raw = msgpack.unpackb(bytes(header[PREFIX.size :]))
+    except (ValueError, msgpack.UnpackException):
+        return None
+    request_id = raw.get("req") if isinstance(raw, dict) else None
+    return request_id if isinstance(request_id, str) else None
+
+
+def payload_checksum(payload: torch.Tensor, alg: str) -> int:
+    """Checksum of a uint8 payload: xxh3_64 on the host, sum64 on a GPU (no host round trip)."""
+    if alg == "xxh3_64":
+        return xxhash.xxh3_64_intdigest(payload.numpy() if payload.numel() else b"")
+    if alg == "sum64":
+        n = payload.numel()
+        padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=payload.device)
+        padded[:n] = payload
+        words = padded.view(torch.int64)
+        weights = torch.arange(1, words.numel() + 1, dtype=torch.int64, device=payload.device)
+        return int(((words * weights).sum() + n).item()) & 0xFFFF_FFFF_FFFF_FFFF
+    raise UnknownCodecError(f"unknown checksum {alg!r}")
+
+
+def checksum_alg_for(payload: torch.Tensor) -> str:
+    return "xxh3_64" if payload.device.type == "cpu" else "sum64"
+
+
+def verify_payload(header: FrameHeader, payload: torch.Tensor) -> None:
+    """Length, then checksum; raises TruncatedFrameError / ChecksumMismatchError."""
+    if payload.numel() != header.payload_len:
+        raise TruncatedFrameError(
+            f"frame for {header.request_id!r} declares {header.payload_len} payload bytes, "
+            f"{payload.numel()} arrived"
+        )
+    if payload_checksum(payload, header.checksum_alg) != header.checksum:
+        raise ChecksumMismatchError(
+            f"frame for {header.request_id!r} (layers {header.layers[0]}-{header.layers[1] - 1}): "
+            "payload checksum mismatch; the bytes were corrupted in transit"
+        )
+
+
+def split_frame(data: bytes | memoryview | torch.Tensor) -> tuple[FrameHeader, bytes, torch.Tensor]:
+    """A whole frame as one buffer -> (header, header bytes, payload view). For byte-stream transports."""
+    buf = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    view = memoryview(buf.numpy()) if buf.numel() else memoryview(b"")
+    header = decode_header(view)
+    start = PREFIX.size + header_length(view)
+    return header, bytes(view[:start]), buf[start:]

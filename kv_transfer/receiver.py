@@ -1,0 +1,298 @@
+"""The decode side of a KV transfer: reserve blocks for a request, check every frame, decode it
+straight into those blocks, and acknowledge when every (layer, block) has arrived exactly once.
+
+    reserve(request, num_tokens) ──► RECEIVING (blocks allocated, deadline set)
+        on_frame(frame)  ×N           checked, decoded into the reserved blocks
+        on_end(request, N) ─────────► COMPLETE   take(request) hands the blocks to the decode engine
+        bad frame / missing layers ─► FAILED     blocks freed, error kept for status()
+        on_abort / abort ───────────► ABORTED    blocks freed
+        expire() past the deadline ─► EXPIRED    blocks freed
+
+A frame is checked before a byte of it touches the cache: header, layout, fingerprint, block
+range, duplicates, payload length and checksum. Any failure fails the whole transfer (the
+cluster retries the request) and frees its blocks; other transfers are unaffected. Transport
+threads call on_frame/on_end/on_abort while the decode loop calls reserve/take/expire, so every
+entry point holds one lock.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.block_manager import BlockAllocator, blocks_needed
+from kv_transfer import codecs
+from kv_transfer.codecs import CodecSpec
+from kv_transfer.errors import (
+    FingerprintMismatchError,
+    FrameError,
+    FrameTooLargeError,
+    LayerSequenceError,
+    LayoutMismatchError,
+    ReservationError,
+    TransferAbortedError,
+    TransferError,
+    TransferTimeoutError,
+    UnknownTransferError,
+)
+from kv_transfer.frame import FrameHeader, decode_header, verify_payload
+from kv_transfer.layout import KVLayout
+from kv_transfer.transport import Frame
+
+DEFAULT_RECEIVE_TIMEOUT = 30.0
+DEFAULT_MAX_FRAME_BYTES = 256 << 20
+_MAX_OUTCOMES = 4096
+
+
+class ReceiveState(enum.Enum):
+    RECEIVING = "receiving"
+    COMPLETE = "complete"
+    FAILED = "failed"
+    ABORTED = "aborted"
+    EXPIRED = "expired"
+
+
+@dataclass
+class IncomingTransfer:
+    request_id: str
+    num_tokens: int
+    block_ids: list[int]
+    deadline: float
+    received: torch.Tensor  # bool [num_layers, num_blocks]: which (layer, block) pieces arrived
+    num_frames: int = 0
+    state: ReceiveState = ReceiveState.RECEIVING
+
+
+@dataclass(frozen=True)
+class TransferOutcome:
+    state: ReceiveState
+    error: TransferError | None = field(default=None, compare=False)
+
+
+class KVReceiver:
+    """Implements kv_transfer.transport.FrameSink for one decode worker's KV cache."""
+
+    def __init__(
+        self,
+        cache: torch.Tensor,
+        layout: KVLayout,
+        allocator: BlockAllocator,
+        timeout: float = DEFAULT_RECEIVE_TIMEOUT,
+        max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.cache = cache
+        self.layout = layout
+        self.allocator = allocator
+        self.timeout = timeout
+        self.max_frame_bytes = max_frame_bytes
+        self.clock = clock
+        self._lock = threading.RLock()
+        self._transfers: dict[str, IncomingTransfer] = {}
+        self._outcomes: OrderedDict[str, TransferOutcome] = OrderedDict()
+
+    # --- the decode loop's side ---------------------------------------------------------------
+
+    def reserve(self, request_id: str, num_tokens: int, timeout: float | None = None) -> list[int]:
+        """Allocate blocks for `num_tokens` of prompt KV; the transfer must complete within `timeout`."""
+        if num_tokens <= 0:
+            raise ReservationError(f"request {request_id!r}: num_tokens must be positive, got {num_tokens}")
+        with self._lock:
+            if request_id in self._transfers:
+                raise ReservationError(f"request {request_id!r} already has a reservation")
+            n = blocks_needed(num_tokens, self.layout.block_size)
+            if not self.allocator.can_allocate(n):
+                raise ReservationError(
+                    f"request {request_id!r} needs {n} KV blocks, {self.allocator.num_free_blocks} are free"
+                )
+            self._outcomes.pop(request_id, None)
+            blocks = self.allocator.allocate(n)
+            deadline = self.clock() + (self.timeout if timeout is None else timeout)
+            received = torch.zeros(self.layout.num_layers, n, dtype=torch.bool)
+            self._transfers[request_id] = IncomingTransfer(request_id, num_tokens, blocks, deadline, received)
+            return list(blocks)
+
+    def take(self, request_id: str) -> list[int]:
+        """The blocks of a completed transfer, handed over to the caller (who frees them later)."""
+        with self._lock:
+            t = self._transfers.get(request_id)
+            if t is None or t.state is not ReceiveState.COMPLETE:
+                raise (
+                    self._not_receiving(request_id)
+                    if t is None
+                    else TransferError(f"the transfer of {request_id!r} is not complete ({t.state.value})")
+                )
+            del self._transfers[request_id]
+            self._remember(request_id, TransferOutcome(ReceiveState.COMPLETE))
+            return t.block_ids
+
+    def abort(self, request_id: str, reason: str = "aborted by the decode side") -> None:
+        """Drop a reservation (completed or not) and free its blocks. Unknown ids are ignored."""
+        with self._lock:
+            t = self._transfers.get(request_id)
+            if t is not None:
+                self._close(t, ReceiveState.ABORTED, TransferAbortedError(f"{request_id!r}: {reason}"))
+
+    def expire(self) -> list[str]:
+        """Fail every transfer still receiving past its deadline; returns their request ids."""
+        with self._lock:
+            now = self.clock()
+            late = [
+                t for t in self._transfers.values() if t.state is ReceiveState.RECEIVING and now >= t.deadline
+            ]
+            for t in late:
+                error = TransferTimeoutError(f"the KV of {t.request_id!r} did not arrive within its deadline")
+                self._close(t, ReceiveState.EXPIRED, error)
+            return [t.request_id for t in late]
+
+    def status(self, request_id: str) -> TransferOutcome | None:
+        with self._lock:
+            t = self._transfers.get(request_id)
+            return TransferOutcome(t.state) if t is not None else self._outcomes.get(request_id)
+
+    @property
+    def num_reserved_blocks(self) -> int:
+        with self._lock:
+            return sum(len(t.block_ids) for t in self._transfers.values())
+
+    # --- FrameSink: the transport's side --------------------------------------------------------
+
+    def on_frame(self, frame: Frame) -> None:
+        with self._lock:
+            try:
+                header = decode_header(frame.header)
+            except FrameError as exc:
+                t = self._transfers.get(exc.request_id) if exc.request_id is not None else None
+                if t is not None:
+                    self._close(t, ReceiveState.FAILED, exc)
+                raise
+            t = self._receiving(header.request_id)
+            try:
+                self._check(header, t)
+                verify_payload(header, frame.payload)
+                raw = codecs.decompress(header.lossless, frame.payload, header.raw_len)
+                spec = CodecSpec(header.codec, header.lossless)
+                num_layers = header.layers[1] - header.layers[0]
+                expected = spec.raw_nbytes(self.layout, header.num_blocks, num_layers)
+                if raw.numel() != expected:
+                    raise LayoutMismatchError(
+                        f"frame for {header.request_id!r} holds {raw.numel()} bytes of {header.codec} KV; "
+                        f"{header.num_blocks} blocks x {num_layers} layers need {expected}"
+                    )
+                first, last = header.first_block, header.first_block + header.num_blocks
+                dst = torch.tensor(t.block_ids[first:last], dtype=torch.int64, device=self.cache.device)
+                codecs.decode(spec, raw, self.cache, header.layers, dst)
+            except TransferError as exc:
+                self._close(t, ReceiveState.FAILED, exc)
+                raise
+            except Exception as exc:  # noqa: BLE001 - a bad frame must fail its transfer, not the worker
+                error = TransferError(f"frame for {header.request_id!r} could not be decoded: {exc!r}")
+                self._close(t, ReceiveState.FAILED, error)
+                raise error from exc
+            t.received[header.layers[0] : header.layers[1], first:last] = True
+            t.num_frames += 1
+
+    def on_end(self, request_id: str, num_frames: int) -> None:
+        with self._lock:
+            t = self._receiving(request_id)
+            missing = (~t.received).nonzero()
+            if len(missing) or num_frames != t.num_frames:
+                layers = sorted({int(layer) for layer, _ in missing.tolist()})
+                what = f"with layers {_ranges(layers)} incomplete" if layers else "with frames missing"
+                error = LayerSequenceError(
+                    f"the transfer of {request_id!r} ended {what} "
+                    f"({t.num_frames} of the {num_frames} frames sent arrived)"
+                )
+                self._close(t, ReceiveState.FAILED, error)
+                raise error
+            t.state = ReceiveState.COMPLETE
+
+    def on_abort(self, request_id: str, reason: str) -> None:
+        self.abort(request_id, f"aborted by the prefill side: {reason}")
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _receiving(self, request_id: str) -> IncomingTransfer:
+        t = self._transfers.get(request_id)
+        if t is None:
+            raise self._not_receiving(request_id)
+        if t.state is not ReceiveState.RECEIVING:
+            raise TransferError(f"the transfer of {request_id!r} already completed; frame or end repeated")
+        if self.clock() >= t.deadline:
+            error = TransferTimeoutError(f"the KV of {request_id!r} arrived after its deadline")
+            self._close(t, ReceiveState.EXPIRED, error)
+            raise error
+        return t
+
+    def _not_receiving(self, request_id: str) -> TransferError:
+        outcome = self._outcomes.get(request_id)
+        if outcome is None:
+            return UnknownTransferError(f"no KV reservation for request {request_id!r}")
+        if outcome.error is not None:
+            return type(outcome.error)(f"{outcome.error} (the transfer had already ended)")
+        return TransferError(f"the transfer of {request_id!r} already ended ({outcome.state.value})")
+
+    def _check(self, h: FrameHeader, t: IncomingTransfer) -> None:
+        mine = self.layout
+        for name, theirs, ours in (
+            ("block size", h.block_size, mine.block_size),
+            ("KV heads", h.num_kv_heads, mine.num_kv_heads),
+            ("head dim", h.head_dim, mine.head_dim),
+            ("dtype", h.dtype, mine.dtype),
+        ):
+            if theirs != ours:
+                raise LayoutMismatchError(
+                    f"frame for {h.request_id!r} has {name} {theirs}, this cache {ours}"
+                )
+        if h.fingerprint != mine.fingerprint:
+            raise FingerprintMismatchError(
+                f"frame for {h.request_id!r} comes from another model or cache layout "
+                f"(fingerprint {h.fingerprint}, this worker {mine.fingerprint})"
+            )
+        if h.layers[1] > mine.num_layers:
+            raise LayoutMismatchError(f"frame layers {h.layers} exceed this model's {mine.num_layers} layers")
+        if h.first_block + h.num_blocks > len(t.block_ids):
+            raise LayoutMismatchError(
+                f"frame blocks {h.first_block}..{h.first_block + h.num_blocks - 1} exceed the "
+                f"{len(t.block_ids)} blocks reserved for {h.request_id!r}"
+            )
+        if h.payload_len > self.max_frame_bytes or h.raw_len > self.max_frame_bytes:
+            raise FrameTooLargeError(
+                f"frame for {h.request_id!r} carries {max(h.payload_len, h.raw_len)} bytes; "
+                f"this worker accepts at most {self.max_frame_bytes}"
+            )
+        seen = t.received[h.layers[0] : h.layers[1], h.first_block : h.first_block + h.num_blocks]
+        if seen.any():
+            layer = h.layers[0] + int(seen.any(dim=1).nonzero()[0])
+            raise LayerSequenceError(f"layer {layer} of {h.request_id!r} arrived twice")
+
+    def _close(self, t: IncomingTransfer, state: ReceiveState, error: TransferError | None) -> None:
+        """End a transfer: free its blocks exactly once and remember the outcome."""
+        if self._transfers.pop(t.request_id, None) is None:
+            return
+        self.allocator.free(t.block_ids)
+        t.state = state
+        self._remember(t.request_id, TransferOutcome(state, error))
+
+    def _remember(self, request_id: str, outcome: TransferOutcome) -> None:
+        self._outcomes[request_id] = outcome
+        while len(self._outcomes) > _MAX_OUTCOMES:
+            self._outcomes.popitem(last=False)
+
+
+def _ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    parts, start = [], None
+    for i, layer in enumerate(layers):
+        if start is None:
+            start = layer
+        if i + 1 == len(layers) or layers[i + 1] != layer + 1:
+            parts.append(str(start) if start == layer else f"{start}-{layer}")
+            start = None
+    return ", ".join(parts)
