@@ -32,8 +32,8 @@ import torch
 
 CODECS = ("none", "fp8", "int8", "int4")
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
-_F16_MAX = 65504.0  # tile ranges are stored in float16; larger magnitudes saturate
-_TINY = 1e-12  # floor for scales, so all-zero tiles quantize to zero instead of NaN
+F16_MAX = 65504.0  # tile ranges are stored in float16; larger magnitudes saturate
+TINY = 1e-12  # floor for scales, so all-zero tiles quantize to zero instead of NaN
 
 
 def codec_bits(codec: str) -> int:
@@ -94,7 +94,7 @@ def _group_grid(x: torch.Tensor, tile_range: torch.Tensor, group_dim: int, bits:
     """Codes and (lo, step) per group. x: [n,t,h,d] float32; tile_range: [n,h,2] (float16 values)."""
     lo_t = tile_range[..., 0].float()[:, None, :, None]  # [n,1,h,1]
     hi_t = tile_range[..., 1].float()[:, None, :, None]
-    delta = ((hi_t - lo_t) / 15.0).clamp_min(_TINY)
+    delta = ((hi_t - lo_t) / 15.0).clamp_min(TINY)
     lo_c = torch.floor((x.amin(group_dim, keepdim=True) - lo_t) / delta).clamp(0, 14)
     hi_c = torch.ceil((x.amax(group_dim, keepdim=True) - lo_t) / delta).clamp(0, 15)
     hi_c = torch.maximum(hi_c, lo_c + 1)
@@ -106,7 +106,7 @@ def _group_grid(x: torch.Tensor, tile_range: torch.Tensor, group_dim: int, bits:
 def _quantize_int(x: torch.Tensor, group_dim: int, bits: int):
     """x [n,t,h,d] float32 -> (tile range f16 [n,h,2], codes u8 (group shape), values u8 [n,t,h,d*bits/8])."""
     tile_range = torch.stack([x.amin(dim=(1, 3)), x.amax(dim=(1, 3))], dim=-1)
-    tile_range = tile_range.clamp(-_F16_MAX, _F16_MAX).to(torch.float16)
+    tile_range = tile_range.clamp(-F16_MAX, F16_MAX).to(torch.float16)
     lo_c, hi_c, lo, step = _group_grid(x, tile_range, group_dim, bits)
     q = torch.floor((x - lo) / step + 0.5).clamp(0, 2**bits - 1).to(torch.uint8)
     codes = (lo_c + hi_c * 16).to(torch.uint8).squeeze(group_dim)  # keys [n,h,d], values [n,t,h]
@@ -125,7 +125,7 @@ def _dequantize_int(
     lo_c, hi_c = (codes & 15).float(), (codes >> 4).float()
     lo_t = tile_range[..., 0].float()[:, None, :, None]
     hi_t = tile_range[..., 1].float()[:, None, :, None]
-    delta = ((hi_t - lo_t) / 15.0).clamp_min(_TINY)
+    delta = ((hi_t - lo_t) / 15.0).clamp_min(TINY)
     step = (hi_c - lo_c) * delta / (2**bits - 1)
     return lo_t + lo_c * delta + q.float() * step
 
@@ -146,12 +146,13 @@ def encode_ref(
     for i, layer in enumerate(range(a, b)):
         views = split_segment(out[i * seg : (i + 1) * seg], codec, n, t, h, d, cache.dtype)
         for kv, name in ((0, "k"), (1, "v")):
+            if codec == "none":  # gather straight into the payload: one copy
+                torch.index_select(cache[layer, kv], 0, block_ids, out=views[name])
+                continue
             x = cache[layer, kv].index_select(0, block_ids)  # [n,t,h,d]
-            if codec == "none":
-                views[name].copy_(x)
-            elif codec == "fp8":
+            if codec == "fp8":
                 xf = x.float()
-                scale = (xf.abs().amax(dim=(1, 3)) / FP8_MAX).clamp_min(_TINY)  # [n,h]
+                scale = (xf.abs().amax(dim=(1, 3)) / FP8_MAX).clamp_min(TINY)  # [n,h]
                 views[f"{name}_scale"].copy_(scale)
                 views[name].copy_((xf / scale[:, None, :, None]).to(torch.float8_e4m3fn))
             else:

@@ -36,7 +36,7 @@ checksum (ChecksumMismatchError).
 from __future__ import annotations
 
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import msgpack
 import torch
@@ -110,13 +110,7 @@ class FrameHeader:
 
     def encode(self) -> bytes:
         """magic + header length + msgpack header: the frame's bytes before the payload."""
-        values = asdict(self)
-        body = msgpack.packb(
-            {
-                key: list(values[attr]) if isinstance(values[attr], tuple) else values[attr]
-                for key, (attr, _) in _FIELDS.items()
-            }
-        )
+        body = msgpack.packb({key: getattr(self, attr) for key, (attr, _) in _FIELDS.items()})
         return PREFIX.pack(MAGIC, len(body)) + body
 
 

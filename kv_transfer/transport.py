@@ -35,7 +35,8 @@ class Frame:
 
 class FrameSink(Protocol):
     """The receiving side (KVReceiver). A transport server calls these; what they raise goes back to
-    the sender. Calls for one request never overlap."""
+    the sender. Calls for one request never overlap. A frame's payload may be a view of the
+    transport's staging memory: it is valid only until on_frame returns."""
 
     def on_frame(self, frame: Frame) -> None: ...
 

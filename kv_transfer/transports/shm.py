@@ -1,0 +1,690 @@
+"""Same-node transport: payloads travel through shared memory, a Unix socket carries control.
+
+Per connection the sender allocates a ring of N slots once (memfd segments on the CPU, CUDA
+tensors on a GPU) and hands them to the receiver, which maps them once. Afterwards only small
+messages cross the socket; payload bytes are written once by the sender (the codec writes straight
+into a slot obtained from `payload_buffer`) and read once by the receiver (the sink decodes from a
+view of the slot).
+
+    ring: N slots of slot_bytes, shared by both processes, mapped once per connection
+      slot 0 [########....]  being read by the receiver: sink.on_frame decodes from a view of it
+      slot 1 [#####.......]  being written by the sender: the codec encodes into payload_buffer()
+      slot 2 [............]  free
+      slot 3 [............]  free
+
+    control socket (shm:///tmp/pdserve-shm-XXXX/kv.sock), u32 length + msgpack list per message
+    sender ──► receiver                                 receiver ──► sender
+    hello     slot_bytes, device, N  + N memfds          ready  max_frame_bytes
+              (CUDA: N pickled IPC handles instead)      error  None, class name, message
+    frame     request, header, slot, offset, plen        free   slot        after on_frame returns
+              (slot None: nothing staged, plen is 0 or over max_frame_bytes)
+    frame_fd  request, header, plen  + 1 memfd           free_oneoff        after on_frame returns
+    end       request, num_frames                        ack    request
+                                                         error  request, class name, message
+    abort     request, reason                            (no reply)
+
+    a slot's life: free ─► taken by payload_buffer/send ─► written ─► "frame" ─► sink.on_frame
+                   ▲                                                                 │
+                   └────────────────────────────── "free" ◄──────────────────────────┘
+
+Frames larger than a slot go through a one-off memfd of their exact size (one in flight at a
+time; CUDA connections refuse them with FrameTooLargeError, raise slot_bytes instead). The sink
+must not keep a frame's payload after on_frame returns: the slot is reused.
+
+Cleanup: segments are memfds, anonymous files with no name in /dev/shm. The kernel frees one
+when its last descriptor and mapping are gone, so a peer that dies (even by SIGKILL) cannot leak
+one; each side closes its descriptors right after mapping and unmaps when the connection ends.
+
+CUDA: slots are CUDA tensors shared once through CUDA IPC (torch.multiprocessing.reductions); the
+receiver's decode kernel reads the sender's slot directly (one device-to-device copy). The sender
+synchronizes its current stream before posting a frame (the codec must write on it), the receiver
+synchronizes its device after on_frame before freeing the slot. CUDA IPC needs two processes;
+within one process use the local transport.
+
+Linux only (memfd_create, SCM_RIGHTS). The socket lives in a private (0700) directory; the
+peer is trusted (CUDA handles are pickled).
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import pickle
+import socket
+import struct
+import tempfile
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import msgpack
+import torch
+
+from kv_transfer.errors import (
+    FrameTooLargeError,
+    PeerDisconnectedError,
+    TransferError,
+    TransferTimeoutError,
+    error_from_wire,
+    error_to_wire,
+)
+from kv_transfer.frame import peek_request_id
+from kv_transfer.transport import Connection, Frame, FrameSink, TransportServer
+
+logger = logging.getLogger(__name__)
+
+SCHEME = "shm://"
+DEFAULT_SLOTS = 4
+DEFAULT_SLOT_BYTES = 32 << 20
+DEFAULT_MAX_FRAME_BYTES = 1 << 30
+MAX_SLOTS = 64
+_LENGTH = struct.Struct("<I")
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # pre-fault the whole mapping at mmap time
+
+
+class _Channel:
+    """Length-prefixed msgpack messages over a Unix stream socket; a message may carry descriptors."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self._buffer = bytearray()
+        self._fds: deque[int] = deque()
+        self._send_lock = threading.Lock()
+
+    def send(self, message: list, fds: Sequence[int] = ()) -> None:
+        body = msgpack.packb(message)
+        data = _LENGTH.pack(len(body)) + body
+        with self._send_lock:
+            if fds:
+                data = data[socket.send_fds(self.sock, [data], list(fds)) :]
+            self.sock.sendall(data)
+
+    def recv(self) -> list:
+        """The next message; raises EOFError when the peer has closed."""
+        while True:
+            if len(self._buffer) >= _LENGTH.size:
+                (length,) = _LENGTH.unpack_from(self._buffer)
+                end = _LENGTH.size + length
+                if len(self._buffer) >= end:
+                    message = msgpack.unpackb(bytes(self._buffer[_LENGTH.size : end]))
+                    del self._buffer[:end]
+                    return message
+            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, MAX_SLOTS)
+            self._fds.extend(fds)
+            if not data:
+                raise EOFError("control socket closed")
+            self._buffer += data
+
+    def take_fds(self, count: int) -> list[int]:
+        """The descriptors that came with the message just received (they arrive in send order)."""
+        if len(self._fds) < count:
+            raise TransferError(f"a control message announced {count} descriptors, {len(self._fds)} came")
+        return [self._fds.popleft() for _ in range(count)]
+
+    def shutdown(self) -> None:
+        """Wake a thread blocked in recv (it sees EOF) and stop both directions."""
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.shutdown()
+        self.sock.close()
+        while self._fds:
+            os.close(self._fds.popleft())
+
+
+def _map_fd(fd: int, nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
+    size = os.fstat(fd).st_size
+    if size < nbytes:  # reading past the end of a segment would kill this process with SIGBUS
+        raise TransferError(f"a shared-memory segment of {size} bytes cannot hold {nbytes}")
+    try:
+        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | _POPULATE)
+    except OSError as exc:
+        raise TransferError(f"cannot map a {nbytes}-byte shared-memory segment: {exc}") from exc
+    return mapping, torch.frombuffer(mapping, dtype=torch.uint8)
+
+
+def _new_segment(nbytes: int, name: str) -> tuple[int, mmap.mmap, torch.Tensor]:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nbytes)
+        return (fd, *_map_fd(fd, nbytes))
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _unmap(mappings: list[mmap.mmap]) -> None:
+    """Unmap; drop every tensor view first. A view someone still holds keeps its mapping alive."""
+    for mapping in mappings:
+        try:
+            mapping.close()
+        except BufferError:
+            logger.debug("a shared-memory view is still referenced; it is unmapped when released")
+    mappings.clear()
+
+
+def _socket_path(address: str) -> str:
+    if not address.startswith(SCHEME):
+        raise ValueError(f"not a shared-memory transport address: {address!r} (expected {SCHEME}/path)")
+    return address[len(SCHEME) :]
+
+
+def _resolve(device: torch.device | str) -> torch.device:
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+class _Ring:
+    """The sender's bookkeeping of its slots: which are free, which are lent to a codec. A slot
+    is taken by payload_buffer or send and comes back when the receiver replies "free"."""
+
+    def __init__(self, slots: list[torch.Tensor]) -> None:
+        self.slots = slots
+        self._free = list(range(len(slots)))  # a stack: the slot freed last is reused first (cache-hot)
+        self._lent: set[int] = set()
+        self._oneoff_free = True
+        self.broken: str | None = None  # why the connection is unusable
+        self._cond = threading.Condition()
+
+    def acquire(self, timeout: float, lend: bool = False) -> int:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._free or self.broken, timeout):
+                raise TransferTimeoutError(f"no shared-memory slot came free within {timeout:g} s")
+            if self.broken:
+                raise PeerDisconnectedError(self.broken)
+            slot = self._free.pop()
+            if lend:
+                self._lent.add(slot)
+            return slot
+
+    def release(self, slot: int) -> None:
+        with self._cond:
+            self._free.append(slot)
+            self._cond.notify()
+
+    def take_lent(self, payload: torch.Tensor) -> tuple[int, int] | None:
+        """(slot, offset) when `payload` lies inside a slot lent by payload_buffer; the slot is then
+        no longer lent (it is about to be posted)."""
+        start = payload.data_ptr()
+        with self._cond:
+            for slot in self._lent:
+                base = self.slots[slot]
+                offset = start - base.data_ptr()
+                if base.device == payload.device and 0 <= offset <= base.numel() - payload.numel():
+                    self._lent.discard(slot)
+                    return slot, offset
+        return None
+
+    def acquire_oneoff(self, timeout: float) -> None:
+        with self._cond:
+            if not self._cond.wait_for(lambda: self._oneoff_free or self.broken, timeout):
+                raise TransferTimeoutError(f"the previous oversized frame was not consumed in {timeout:g} s")
+            if self.broken:
+                raise PeerDisconnectedError(self.broken)
+            self._oneoff_free = False
+
+    def release_oneoff(self) -> None:
+        with self._cond:
+            self._oneoff_free = True
+            self._cond.notify_all()
+
+    def fail(self, reason: str) -> None:
+        with self._cond:
+            self.broken = reason
+            self._cond.notify_all()
+
+
+@dataclass
+class _Pending:
+    """An end() waiting for the receiver's ack or error."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    error: TransferError | None = None
+
+    def resolve(self, error: TransferError | None) -> None:
+        self.error = error
+        self.done.set()
+
+
+class ShmConnection(Connection):
+    """The sending side. `device` is where the ring lives: "cpu" (memfd segments) or a CUDA device
+    (CUDA IPC). `slot_timeout` bounds how long payload_buffer/send wait for a free slot."""
+
+    def __init__(
+        self,
+        address: str,
+        slots: int = DEFAULT_SLOTS,
+        slot_bytes: int = DEFAULT_SLOT_BYTES,
+        device: torch.device | str = "cpu",
+        slot_timeout: float = 30.0,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        if not 1 <= slots <= MAX_SLOTS or slot_bytes < 1:
+            raise ValueError(f"need 1..{MAX_SLOTS} slots of at least 1 byte, got {slots} x {slot_bytes}")
+        self.address = address
+        self._device = _resolve(device)
+        self._slot_bytes = slot_bytes
+        self._slot_timeout = slot_timeout
+        self._mappings: list[mmap.mmap] = []
+        self._pending: dict[str, _Pending] = {}
+        self._lock = threading.Lock()
+        self._closed = False
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(connect_timeout)
+        try:
+            sock.connect(_socket_path(address))
+        except OSError as exc:
+            sock.close()
+            raise PeerDisconnectedError(f"no KV transfer server at {address!r}: {exc}") from exc
+        self._channel = _Channel(sock)
+        self._ring = _Ring([])
+        try:
+            self._ring = _Ring(self._handshake(slots))
+        except TimeoutError as exc:
+            self._release()
+            raise TransferTimeoutError(f"the KV transfer server at {address!r} did not answer") from exc
+        except BaseException:
+            self._release()
+            raise
+        sock.settimeout(None)
+        self._reader = threading.Thread(target=self._read_replies, name="shm-kv-replies", daemon=True)
+        self._reader.start()
+
+    def _handshake(self, num_slots: int) -> list[torch.Tensor]:
+        hello = ["hello", self._slot_bytes, self._device.type, num_slots]
+        if self._device.type == "cuda":
+            from torch.multiprocessing.reductions import reduce_tensor
+
+            slots = [
+                torch.zeros(self._slot_bytes, dtype=torch.uint8, device=self._device)
+                for _ in range(num_slots)
+            ]
+            self._channel.send([*hello, [pickle.dumps(reduce_tensor(slot)) for slot in slots]])
+        else:
+            fds, slots = [], []
+            try:
+                for i in range(num_slots):
+                    fd, mapping, slot = _new_segment(self._slot_bytes, f"pdserve-kv-slot{i}")
+                    fds.append(fd)
+                    self._mappings.append(mapping)
+                    slots.append(slot)
+                self._channel.send([*hello, None], fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        reply = self._channel.recv()
+        if reply[0] == "error":
+            raise error_from_wire(reply[2], reply[3])
+        self._max_frame_bytes = reply[1]
+        return slots
+
+    def _read_replies(self) -> None:
+        reason = f"the KV transfer server at {self.address!r} closed the connection"
+        try:
+            while True:
+                reply = self._channel.recv()
+                kind = reply[0]
+                if kind == "free":
+                    self._ring.release(reply[1])
+                elif kind == "free_oneoff":
+                    self._ring.release_oneoff()
+                elif kind == "error" and reply[1] is None:  # the server gives up on this connection
+                    reason = f"{reason}: {reply[2]}: {reply[3]}"
+                elif kind in ("ack", "error"):
+                    with self._lock:
+                        pending = self._pending.pop(reply[1], None)
+                    if pending is not None:
+                        pending.resolve(None if kind == "ack" else error_from_wire(reply[2], reply[3]))
+        except (EOFError, OSError):
+            pass
+        except Exception:
+            logger.exception("shared-memory KV connection to %s: unreadable reply", self.address)
+        self._disconnect("this connection was closed" if self._closed else reason)
+
+    def _disconnect(self, reason: str) -> None:
+        self._ring.fail(reason)
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+        for waiter in pending:
+            waiter.resolve(PeerDisconnectedError(reason))
+
+    def _check_open(self) -> None:
+        if self._ring.broken:
+            raise PeerDisconnectedError(self._ring.broken)
+
+    def _post(self, message: list, fds: Sequence[int] = ()) -> None:
+        try:
+            self._channel.send(message, fds)
+        except OSError as exc:
+            raise PeerDisconnectedError(
+                f"the KV transfer server at {self.address!r} went away: {exc}"
+            ) from exc
+
+    def _same_device(self, device: torch.device) -> bool:
+        return _resolve(device) == self._device
+
+    def payload_buffer(self, nbytes: int, device: torch.device | str) -> torch.Tensor:
+        """A view of a free slot when the payload fits one on this connection's device (blocks
+        until a slot is free, TransferTimeoutError after slot_timeout); otherwise a plain tensor.
+        Every buffer handed out must be sent: its slot is taken until then."""
+        self._check_open()
+        if 0 < nbytes <= self._slot_bytes and self._same_device(torch.device(device)):
+            return self._ring.slots[self._ring.acquire(self._slot_timeout, lend=True)][:nbytes]
+        return super().payload_buffer(nbytes, torch.device(device))
+
+    def send(self, frame: Frame) -> None:
+        """Post a frame. A payload from payload_buffer is posted in place; any other payload is
+        copied into a free slot (or a one-off segment when larger than a slot)."""
+        self._check_open()
+        request_id = peek_request_id(frame.header) or ""
+        payload = frame.payload.reshape(-1)
+        length = payload.numel()
+        lent = self._ring.take_lent(payload) if length else None
+        if length == 0 or len(frame.header) + length > self._max_frame_bytes:
+            if lent is not None:
+                self._ring.release(lent[0])
+            self._post(["frame", request_id, frame.header, None, 0, length])  # the receiver refuses it
+            return
+        if lent is None and length > self._slot_bytes:
+            self._send_oneoff(request_id, frame.header, payload)
+            return
+        if lent is None:
+            lent = self._ring.acquire(self._slot_timeout), 0
+            self._ring.slots[lent[0]][:length].copy_(payload)
+        if self._device.type == "cuda":
+            torch.cuda.current_stream(self._device).synchronize()  # the slot is written before it is read
+        self._post(["frame", request_id, frame.header, lent[0], lent[1], length])
+
+    def _send_oneoff(self, request_id: str, header: bytes, payload: torch.Tensor) -> None:
+        if self._device.type == "cuda":
+            raise FrameTooLargeError(
+                f"a {payload.numel()}-byte payload exceeds this CUDA connection's {self._slot_bytes}-byte "
+                "slots; raise slot_bytes"
+            )
+        self._ring.acquire_oneoff(self._slot_timeout)
+        fd, mapping, view = _new_segment(payload.numel(), "pdserve-kv-oneoff")
+        try:
+            view.copy_(payload)
+            del view
+            mapping.close()
+            self._post(["frame_fd", request_id, header, payload.numel()], [fd])
+        except BaseException:
+            self._ring.release_oneoff()
+            raise
+        finally:
+            os.close(fd)  # the descriptor in flight keeps the segment alive until the receiver maps it
+
+    def end(self, request_id: str, num_frames: int, timeout: float) -> None:
+        if timeout <= 0:
+            raise TransferTimeoutError(f"transfer of {request_id!r} ran past its deadline")
+        pending = _Pending()
+        with self._lock:  # _disconnect marks the ring broken before it takes this lock
+            self._check_open()
+            self._pending[request_id] = pending
+        try:
+            self._post(["end", request_id, num_frames])
+        except TransferError:
+            with self._lock:
+                self._pending.pop(request_id, None)
+            raise
+        if not pending.done.wait(timeout):
+            with self._lock:
+                self._pending.pop(request_id, None)
+            raise TransferTimeoutError(
+                f"the receiver did not acknowledge {request_id!r} within {timeout:g} s"
+            )
+        if pending.error is not None:
+            raise pending.error
+
+    def abort(self, request_id: str, reason: str) -> None:
+        try:
+            self._post(["abort", request_id, reason])
+        except TransferError:
+            logger.debug("abort of %r not delivered: the server is gone", request_id)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._channel.shutdown()
+        self._reader.join()
+        self._release()
+
+    def _release(self) -> None:
+        self._channel.close()
+        self._ring.fail("this connection was closed")
+        self._ring.slots = []
+        _unmap(self._mappings)
+
+
+class _ServerConnection:
+    """One sender's connection, handled on its own thread: maps its ring, delivers its frames."""
+
+    def __init__(self, server: ShmServer, channel: _Channel) -> None:
+        self.server = server
+        self.channel = channel
+        self.slots: list[torch.Tensor] = []
+        self.mappings: list[mmap.mmap] = []
+        self.device = torch.device("cpu")
+        self.failed: dict[str, Exception] = {}  # request -> first error, reported at its end
+        self.open: set[str] = set()  # requests that began and did not end or abort
+
+    def run(self) -> None:
+        try:
+            self._accept_ring(self.channel.recv())
+            while True:
+                message = self.channel.recv()
+                kind = message[0]
+                if kind == "frame":
+                    self._frame(*message[1:])
+                    if message[3] is not None:
+                        self._reply(["free", message[3]])
+                elif kind == "frame_fd":
+                    (fd,) = self.channel.take_fds(1)
+                    self._frame(*message[1:3], None, 0, message[3], fd)
+                    self._reply(["free_oneoff"])
+                elif kind == "end":
+                    self._end(*message[1:])
+                elif kind == "abort":
+                    self._abort(*message[1:])
+                else:
+                    raise TransferError(f"unknown control message {kind!r}")
+        except (EOFError, OSError):
+            pass
+        except Exception as exc:
+            logger.exception("shared-memory KV connection failed")
+            self._reply(["error", None, *error_to_wire(exc)])
+        finally:
+            self.slots = []
+            _unmap(self.mappings)
+            self.channel.close()
+            reason = "server closed" if self.server.closing else "peer disconnected"
+            for request_id in sorted(self.open):
+                self._abort(request_id, reason)
+
+    def _reply(self, message: list) -> None:
+        try:
+            self.channel.send(message)
+        except OSError:
+            logger.debug("reply %s not delivered: the sender is gone", message[0])
+
+    def _accept_ring(self, hello: list) -> None:
+        kind, slot_bytes, device, num_slots, handles = hello
+        if kind != "hello" or not 1 <= num_slots <= MAX_SLOTS:
+            raise TransferError(f"expected a hello with 1..{MAX_SLOTS} slots, got {kind!r}")
+        if device == "cuda":
+            self.slots = [_rebuild_cuda(handle) for handle in handles]
+            self.device = self.slots[0].device
+        else:
+            fds = self.channel.take_fds(num_slots)
+            try:
+                for fd in fds:
+                    mapping, slot = _map_fd(fd, slot_bytes)
+                    self.mappings.append(mapping)
+                    self.slots.append(slot)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+        self._reply(["ready", self.server.max_frame_bytes])
+
+    def _frame(
+        self,
+        request_id: str,
+        header: bytes,
+        slot: int | None,
+        offset: int,
+        length: int,
+        fd: int | None = None,
+    ) -> None:
+        self.open.add(request_id)
+        mapping = None
+        try:
+            if request_id in self.failed:
+                return
+            if len(header) + length > self.server.max_frame_bytes:
+                self.failed[request_id] = FrameTooLargeError(
+                    f"a {len(header) + length}-byte frame of {request_id!r} exceeds this receiver's "
+                    f"limit of {self.server.max_frame_bytes} bytes"
+                )
+                return
+            if fd is not None:
+                mapping, payload = _map_fd(fd, length)
+            elif (
+                slot is not None
+                and 0 <= slot < len(self.slots)
+                and offset + length <= self.slots[slot].numel()
+            ):
+                payload = self.slots[slot][offset : offset + length]
+            elif slot is None and length == 0:
+                payload = torch.empty(0, dtype=torch.uint8, device=self.device)
+            else:
+                raise TransferError(
+                    f"frame of {request_id!r} names no valid slot ({slot}, {offset}, {length})"
+                )
+            self._deliver(request_id, Frame(header, payload))
+        except TransferError as exc:
+            self.failed[request_id] = exc
+        finally:
+            payload = None
+            if mapping is not None:
+                _unmap([mapping])
+            if fd is not None:
+                os.close(fd)
+
+    def _deliver(self, request_id: str, frame: Frame) -> None:
+        try:
+            with self.server.sink_lock:
+                self.server.sink.on_frame(frame)
+                if frame.payload.is_cuda:
+                    torch.cuda.synchronize(frame.payload.device)  # done reading before the slot is freed
+        except TransferError as exc:
+            self.failed[request_id] = exc
+        except Exception as exc:
+            logger.exception("the KV sink failed on a frame of %r", request_id)
+            self.failed[request_id] = exc
+
+    def _end(self, request_id: str, num_frames: int) -> None:
+        self.open.discard(request_id)
+        error = self.failed.pop(request_id, None)
+        if error is None:
+            try:
+                with self.server.sink_lock:
+                    self.server.sink.on_end(request_id, num_frames)
+            except Exception as exc:
+                if not isinstance(exc, TransferError):
+                    logger.exception("the KV sink failed ending %r", request_id)
+                error = exc
+        self._reply(["ack", request_id] if error is None else ["error", request_id, *error_to_wire(error)])
+
+    def _abort(self, request_id: str, reason: str) -> None:
+        self.open.discard(request_id)
+        self.failed.pop(request_id, None)
+        try:
+            with self.server.sink_lock:
+                self.server.sink.on_abort(request_id, reason)
+        except Exception:
+            logger.exception("the KV sink failed aborting %r", request_id)
+
+
+def _rebuild_cuda(handle: bytes) -> torch.Tensor:
+    rebuild, args = pickle.loads(handle)
+    return rebuild(*args)
+
+
+class ShmServer(TransportServer):
+    """Listens on a Unix socket (a fresh private temp dir unless `path` is given); each connection is
+    served on its own thread, and calls into the sink are serialized by one lock."""
+
+    def __init__(
+        self, sink: FrameSink, path: str | None = None, max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES
+    ) -> None:
+        self.sink = sink
+        self.sink_lock = threading.Lock()
+        self.max_frame_bytes = max_frame_bytes
+        self.closing = False
+        self._own_dir = tempfile.mkdtemp(prefix="pdserve-shm-") if path is None else None
+        self._path = path or os.path.join(self._own_dir, "kv.sock")
+        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._listener.bind(self._path)
+        self._listener.listen()
+        self._connections: dict[_ServerConnection, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._acceptor = threading.Thread(target=self._accept, name="shm-kv-accept", daemon=True)
+        self._acceptor.start()
+
+    @property
+    def address(self) -> str:
+        return SCHEME + self._path
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except OSError:
+                return
+            connection = _ServerConnection(self, _Channel(sock))
+            thread = threading.Thread(target=self._serve, args=(connection,), name="shm-kv-conn", daemon=True)
+            with self._lock:
+                if self.closing:
+                    connection.channel.close()
+                    return
+                self._connections[connection] = thread
+            thread.start()
+
+    def _serve(self, connection: _ServerConnection) -> None:
+        try:
+            connection.run()
+        finally:
+            with self._lock:
+                self._connections.pop(connection, None)
+
+    def close(self) -> None:
+        """Stop accepting and drop every connection (their senders see PeerDisconnectedError; their
+        open requests are aborted in the sink); waits for the connection threads."""
+        with self._lock:
+            if self.closing:
+                return
+            self.closing = True
+            connections = dict(self._connections)
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        self._acceptor.join()
+        for connection, thread in connections.items():
+            connection.channel.shutdown()
+            thread.join()
+        try:
+            os.unlink(self._path)
+        except FileNotFoundError:
+            pass
+        if self._own_dir is not None:
+            os.rmdir(self._own_dir)
