@@ -4,10 +4,14 @@ Invariants (checked by tests under random operation sequences):
   * a block is free  <=>  its reference count is 0, and it appears in the free list exactly once;
   * sum of reference counts == number of (sequence, block) ownerships handed out;
   * num_free_blocks + number of blocks with refcount > 0 == num_blocks.
+
+Thread-safe: on a decode worker the scheduler allocates while KV-transfer threads free the blocks
+of failed transfers.
 """
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 
 
@@ -18,6 +22,7 @@ class BlockAllocator:
         self.num_blocks = num_blocks
         self._free: deque[int] = deque(range(num_blocks))
         self._refcounts = [0] * num_blocks
+        self._lock = threading.Lock()
 
     @property
     def num_free_blocks(self) -> int:
@@ -30,28 +35,32 @@ class BlockAllocator:
         return n <= len(self._free)
 
     def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise MemoryError(f"asked for {n} KV blocks, {len(self._free)} free")
-        blocks = [self._free.popleft() for _ in range(n)]
-        for b in blocks:
-            self._refcounts[b] = 1
-        return blocks
+        with self._lock:
+            if n > len(self._free):
+                raise MemoryError(f"asked for {n} KV blocks, {len(self._free)} free")
+            blocks = [self._free.popleft() for _ in range(n)]
+            for b in blocks:
+                self._refcounts[b] = 1
+            return blocks
 
     def incref(self, block_ids: list[int]) -> None:
         """Share already-allocated blocks with one more owner (prefix reuse, forks)."""
-        for b in block_ids:
-            if self._refcounts[b] <= 0:
-                raise ValueError(f"block {b} is free; only allocated blocks can be shared")
-            self._refcounts[b] += 1
+        with self._lock:
+            if any(self._refcounts[b] <= 0 for b in block_ids):
+                free = [b for b in block_ids if self._refcounts[b] <= 0]
+                raise ValueError(f"blocks {free} are free; only allocated blocks can be shared")
+            for b in block_ids:
+                self._refcounts[b] += 1
 
     def free(self, block_ids: list[int]) -> None:
         """Drop one ownership of each block; blocks nobody owns go back to the free list."""
-        for b in block_ids:
-            if self._refcounts[b] <= 0:
-                raise ValueError(f"double free of KV block {b}")
-            self._refcounts[b] -= 1
-            if self._refcounts[b] == 0:
-                self._free.append(b)
+        with self._lock:
+            for b in block_ids:
+                if self._refcounts[b] <= 0:
+                    raise ValueError(f"double free of KV block {b}")
+                self._refcounts[b] -= 1
+                if self._refcounts[b] == 0:
+                    self._free.append(b)
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:

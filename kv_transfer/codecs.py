@@ -49,11 +49,24 @@ class CodecSpec:
         return original * num_blocks / self.raw_nbytes(layout, num_blocks, 1)
 
 
+def check_layout(spec: CodecSpec, layout: KVLayout) -> None:
+    """Refuse a codec that cannot encode this layout (int4 packs pairs along head_dim)."""
+    if spec.name == "int4" and layout.head_dim % 2:
+        raise UnknownCodecError(f"int4 needs an even head_dim; this cache has {layout.head_dim}")
+
+
+def _use_triton(spec: CodecSpec, cache: torch.Tensor) -> bool:
+    """The Triton kernels run on GPUs for power-of-two block sizes and head dims; else the reference."""
+    _, _, _, block_size, _, head_dim = cache.shape
+    pow2 = not (block_size & (block_size - 1) or head_dim & (head_dim - 1))
+    return cache.is_cuda and spec.name != "none" and pow2
+
+
 def encode(
     spec: CodecSpec, cache: torch.Tensor, layers: tuple[int, int], block_ids: torch.Tensor, out: torch.Tensor
 ) -> None:
     """Quantize + pack layers [a, b) of `block_ids` straight from `cache` into `out` (uint8, raw size)."""
-    if cache.is_cuda and spec.name != "none":
+    if _use_triton(spec, cache):
         from kernels.kv_quant_triton import encode_triton
 
         encode_triton(cache, layers, block_ids, spec.name, out)
@@ -70,7 +83,7 @@ def decode(
 ) -> None:
     """Unpack + dequantize a raw payload straight into `cache` at `block_ids` (the receiver's blocks)."""
     payload = payload.to(cache.device, non_blocking=True)
-    if cache.is_cuda and spec.name != "none":
+    if _use_triton(spec, cache):
         from kernels.kv_quant_triton import decode_triton
 
         decode_triton(payload, cache, layers, block_ids, spec.name)
@@ -95,26 +108,39 @@ def compress(spec: CodecSpec, raw: torch.Tensor) -> torch.Tensor:
 
 
 def decompress(lossless: str, payload: torch.Tensor, raw_len: int) -> torch.Tensor:
-    """Undo the lossless stage; the result must be exactly `raw_len` bytes (FrameError otherwise)."""
+    """Undo the lossless stage; the result must be exactly `raw_len` bytes (FrameError otherwise).
+
+    The caller has already checked `raw_len` against what the header's layout needs, and the size
+    the compressed frame declares must equal it before anything is allocated, so a small forged
+    payload cannot make the receiver allocate more than an honest frame would. Trailing bytes after
+    the compressed frame are refused too."""
     if not lossless:
         return payload
-    data = payload.cpu().numpy()
+    data = payload.cpu().numpy().tobytes()
     try:
         if lossless == "zstd":
             import zstandard
 
-            raw = zstandard.ZstdDecompressor().decompress(data, max_output_size=raw_len)
+            declared = zstandard.frame_content_size(data)
+            if declared != raw_len:
+                raise FrameError(f"zstd payload declares {declared} bytes, the header says {raw_len}")
+            stream = zstandard.ZstdDecompressor().decompressobj()
+            raw = stream.decompress(data)
+            trailing = len(stream.unused_data)
         else:
             import lz4.frame
 
             declared = lz4.frame.get_frame_info(data)["content_size"]
-            if declared != raw_len:  # checked first: a forged size must not make us allocate it
+            if declared != raw_len:
                 raise FrameError(f"lz4 payload declares {declared} bytes, the header says {raw_len}")
-            raw = lz4.frame.decompress(data)
+            raw, used = lz4.frame.decompress(data, return_bytes_read=True)
+            trailing = len(data) - used
     except FrameError:
         raise
     except Exception as exc:  # noqa: BLE001 - each library raises its own error type
         raise FrameError(f"{lossless} payload does not decompress: {exc}") from exc
     if len(raw) != raw_len:
         raise FrameError(f"{lossless} payload decompresses to {len(raw)} bytes, the header says {raw_len}")
+    if trailing:
+        raise FrameError(f"{lossless} payload has {trailing} bytes after its compressed frame")
     return torch.frombuffer(bytearray(raw), dtype=torch.uint8)

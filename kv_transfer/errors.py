@@ -100,9 +100,10 @@ _BY_NAME = {
 
 def error_to_wire(exc: BaseException) -> tuple[str, str]:
     """(class name, message) of an error, for a transport to carry back to the sender."""
+    if not isinstance(exc, TransferError):  # not ours: say what it was
+        return "TransferError", repr(exc)
     name = type(exc).__name__ if type(exc).__name__ in _BY_NAME else "TransferError"
-    message = str(exc.args[0]) if exc.args else str(exc)
-    return name, message if name != "TransferError" or isinstance(exc, TransferError) else repr(exc)
+    return name, str(exc.args[0]) if exc.args else str(exc)
 
 
 def error_from_wire(name: str, message: str) -> TransferError:

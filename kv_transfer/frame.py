@@ -19,7 +19,8 @@
     bs kvh hd    block size, KV heads, head dim
     dtype        the cache dtype (float32 | bfloat16 | float16)
     codec        none | fp8 | int8 | int4
-    scales       the codec's scale layout, e.g. "k:block,head,channel;v:block,token,head;f16"
+    scales       the codec's scale layout (kv_transfer.codecs), e.g. for fp8 "k,v:f32[block,head]";
+                 it must match the receiver's own description of that codec
     lossless     "" | zstd | lz4
     raw          payload length before the lossless stage (P when lossless is "")
     plen         P
@@ -42,6 +43,7 @@ import msgpack
 import torch
 import xxhash
 
+from kernels.kv_quant import CODECS
 from kv_transfer.errors import (
     ChecksumMismatchError,
     FrameError,
@@ -55,9 +57,9 @@ MAGIC = b"PDKV"
 FORMAT_VERSION = 1
 PREFIX = struct.Struct("<4sI")  # magic, header length
 MAX_HEADER_BYTES = 1 << 20
-CODECS = ("none", "fp8", "int8", "int4")
 LOSSLESS = ("", "zstd", "lz4")
 CHECKSUMS = ("xxh3_64", "sum64")
+_MIX = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15 (odd) as a signed 64-bit value
 
 _FIELDS = {  # wire key -> (attribute, type)
     "v": ("version", int),
@@ -197,11 +199,15 @@ def payload_checksum(payload: torch.Tensor, alg: str) -> int:
     if alg == "xxh3_64":
         return xxhash.xxh3_64_intdigest(payload.numpy() if payload.numel() else b"")
     if alg == "sum64":
+        # Each 64-bit word goes through a bijection (odd multiply, xor-shift) and an odd,
+        # position-dependent weight before the wrapping sum: changing any one word always changes
+        # the sum, and swapped words almost always do.
         n = payload.numel()
         padded = torch.zeros(-(-n // 8) * 8, dtype=torch.uint8, device=payload.device)
         padded[:n] = payload
-        words = padded.view(torch.int64)
-        weights = torch.arange(1, words.numel() + 1, dtype=torch.int64, device=payload.device)
+        words = padded.view(torch.int64) * _MIX
+        words ^= (words >> 29) & ((1 << 35) - 1)  # a logical shift: x ^ (x >>> 29) is a bijection
+        weights = torch.arange(words.numel(), dtype=torch.int64, device=payload.device) * 2 + 1
         return int(((words * weights).sum() + n).item()) & 0xFFFF_FFFF_FFFF_FFFF
     raise UnknownCodecError(f"unknown checksum {alg!r}")
 

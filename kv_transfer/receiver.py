@@ -122,12 +122,10 @@ class KVReceiver:
         """The blocks of a completed transfer, handed over to the caller (who frees them later)."""
         with self._lock:
             t = self._transfers.get(request_id)
-            if t is None or t.state is not ReceiveState.COMPLETE:
-                raise (
-                    self._not_receiving(request_id)
-                    if t is None
-                    else TransferError(f"the transfer of {request_id!r} is not complete ({t.state.value})")
-                )
+            if t is None:
+                raise self._not_receiving(request_id)
+            if t.state is not ReceiveState.COMPLETE:
+                raise TransferError(f"the transfer of {request_id!r} is not complete ({t.state.value})")
             del self._transfers[request_id]
             self._remember(request_id, TransferOutcome(ReceiveState.COMPLETE))
             return t.block_ids
@@ -140,14 +138,14 @@ class KVReceiver:
                 self._close(t, ReceiveState.ABORTED, TransferAbortedError(f"{request_id!r}: {reason}"))
 
     def expire(self) -> list[str]:
-        """Fail every transfer still receiving past its deadline; returns their request ids."""
+        """Free every transfer past its deadline: still receiving, or complete but never taken
+        (the deadline restarts at completion). Returns their request ids."""
         with self._lock:
             now = self.clock()
-            late = [
-                t for t in self._transfers.values() if t.state is ReceiveState.RECEIVING and now >= t.deadline
-            ]
+            late = [t for t in self._transfers.values() if now >= t.deadline]
             for t in late:
-                error = TransferTimeoutError(f"the KV of {t.request_id!r} did not arrive within its deadline")
+                what = "did not arrive" if t.state is ReceiveState.RECEIVING else "was not taken"
+                error = TransferTimeoutError(f"the KV of {t.request_id!r} {what} within its deadline")
                 self._close(t, ReceiveState.EXPIRED, error)
             return [t.request_id for t in late]
 
@@ -169,7 +167,7 @@ class KVReceiver:
                 header = decode_header(frame.header)
             except FrameError as exc:
                 t = self._transfers.get(exc.request_id) if exc.request_id is not None else None
-                if t is not None:
+                if t is not None and t.state is ReceiveState.RECEIVING:
                     self._close(t, ReceiveState.FAILED, exc)
                 raise
             t = self._receiving(header.request_id)
@@ -178,13 +176,6 @@ class KVReceiver:
                 verify_payload(header, frame.payload)
                 raw = codecs.decompress(header.lossless, frame.payload, header.raw_len)
                 spec = CodecSpec(header.codec, header.lossless)
-                num_layers = header.layers[1] - header.layers[0]
-                expected = spec.raw_nbytes(self.layout, header.num_blocks, num_layers)
-                if raw.numel() != expected:
-                    raise LayoutMismatchError(
-                        f"frame for {header.request_id!r} holds {raw.numel()} bytes of {header.codec} KV; "
-                        f"{header.num_blocks} blocks x {num_layers} layers need {expected}"
-                    )
                 first, last = header.first_block, header.first_block + header.num_blocks
                 dst = torch.tensor(t.block_ids[first:last], dtype=torch.int64, device=self.cache.device)
                 codecs.decode(spec, raw, self.cache, header.layers, dst)
@@ -212,6 +203,7 @@ class KVReceiver:
                 self._close(t, ReceiveState.FAILED, error)
                 raise error
             t.state = ReceiveState.COMPLETE
+            t.deadline = self.clock() + self.timeout  # to be taken by then, or freed by expire()
 
     def on_abort(self, request_id: str, reason: str) -> None:
         self.abort(request_id, f"aborted by the prefill side: {reason}")
@@ -223,7 +215,9 @@ class KVReceiver:
         if t is None:
             raise self._not_receiving(request_id)
         if t.state is not ReceiveState.RECEIVING:
-            raise TransferError(f"the transfer of {request_id!r} already completed; frame or end repeated")
+            raise LayerSequenceError(
+                f"the transfer of {request_id!r} already completed; frame or end repeated"
+            )
         if self.clock() >= t.deadline:
             error = TransferTimeoutError(f"the KV of {request_id!r} arrived after its deadline")
             self._close(t, ReceiveState.EXPIRED, error)
@@ -267,6 +261,21 @@ class KVReceiver:
                 f"frame for {h.request_id!r} carries {max(h.payload_len, h.raw_len)} bytes; "
                 f"this worker accepts at most {self.max_frame_bytes}"
             )
+        spec = CodecSpec(h.codec, h.lossless)
+        if h.scale_layout != spec.scale_layout:
+            raise LayoutMismatchError(
+                f"frame for {h.request_id!r} lays out {h.codec} scales as {h.scale_layout!r}; "
+                f"this worker reads {spec.scale_layout!r} (mismatched pdserve builds?)"
+            )
+        num_layers = h.layers[1] - h.layers[0]
+        expected = spec.raw_nbytes(mine, h.num_blocks, num_layers)
+        if h.raw_len != expected:  # checked before decompressing: the size comes from our own layout
+            raise LayoutMismatchError(
+                f"frame for {h.request_id!r} declares {h.raw_len} bytes of {h.codec} KV; "
+                f"{h.num_blocks} blocks x {num_layers} layers need {expected}"
+            )
+        if not h.lossless and h.payload_len != h.raw_len:
+            raise FrameError(f"frame for {h.request_id!r}: {h.payload_len} payload bytes but raw {h.raw_len}")
         seen = t.received[h.layers[0] : h.layers[1], h.first_block : h.first_block + h.num_blocks]
         if seen.any():
             layer = h.layers[0] + int(seen.any(dim=1).nonzero()[0])

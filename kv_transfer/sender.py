@@ -9,15 +9,19 @@ blocks under a lease until the decode side acknowledges.
     abort(request) ──────────────────────────► ABORTED  receiver told, blocks freed
     expire() after lease_seconds ────────────► EXPIRED  receiver told, blocks freed
 
-Whatever happens, the blocks are freed exactly once; `num_held_blocks` returns to where it was.
+Whatever happens, the blocks are freed exactly once and the receiver is told when it should let
+go; `num_held_blocks` returns to where it was. Thread-safe: the prefill loop sends while a
+housekeeping thread may call expire(); a transfer waiting for its ack is never expired under it
+(the wait itself is bounded by the lease).
 """
 
 from __future__ import annotations
 
 import enum
+import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -53,6 +57,7 @@ class OutgoingTransfer:
     layers_sent: int = 0
     num_frames: int = 0
     state: SendState = SendState.SENDING
+    ending: bool = False  # finish() is waiting for the ack
 
 
 class KVSender:
@@ -68,49 +73,62 @@ class KVSender:
     ) -> None:
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
+        codec = codec or CodecSpec()
+        codecs.check_layout(codec, layout)
         self.cache = cache
         self.layout = layout
         self.allocator = allocator
-        self.codec = codec or CodecSpec()
+        self.codec = codec
         self.lease_seconds = lease_seconds
         self.max_frame_bytes = max_frame_bytes
         self.clock = clock
         self._transfers: dict[str, OutgoingTransfer] = {}
         self._outcomes: OrderedDict[str, SendState] = OrderedDict()  # recent ended transfers, bounded
+        self._lock = threading.RLock()
 
     @property
     def num_held_blocks(self) -> int:
         """Blocks held for transfers in flight (freed ones excluded)."""
-        return sum(len(t.block_ids) for t in self._transfers.values())
+        with self._lock:
+            return sum(len(t.block_ids) for t in self._transfers.values())
 
     def state(self, request_id: str) -> SendState | None:
-        t = self._transfers.get(request_id)
-        return t.state if t is not None else self._outcomes.get(request_id)
+        with self._lock:
+            t = self._transfers.get(request_id)
+            return t.state if t is not None else self._outcomes.get(request_id)
 
     def start(self, request_id: str, block_ids: list[int], connection: Connection) -> None:
         """Take over one reference to `block_ids` (the request's blocks, in order) under a lease."""
-        if request_id in self._transfers:
-            raise TransferError(f"a transfer of {request_id!r} is already in progress")
         if not block_ids:
             raise TransferError(f"request {request_id!r} has no KV blocks to send")
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.cache.device)
-        expires = self.clock() + self.lease_seconds
-        self._transfers[request_id] = OutgoingTransfer(request_id, list(block_ids), connection, expires, ids)
+        with self._lock:
+            if request_id in self._transfers:
+                raise TransferError(f"a transfer of {request_id!r} is already in progress")
+            self._outcomes.pop(request_id, None)
+            expires = self.clock() + self.lease_seconds
+            self._transfers[request_id] = OutgoingTransfer(
+                request_id, list(block_ids), connection, expires, ids
+            )
 
     def send_layers(self, request_id: str, upto: int) -> None:
         """Send layers [layers already sent, upto): call as prefill finishes each layer."""
-        t = self._active(request_id)
-        if not t.layers_sent <= upto <= self.layout.num_layers:
-            raise ValueError(
-                f"cannot send layers up to {upto}: {t.layers_sent} of {self.layout.num_layers} already sent"
-            )
-        try:
-            for a, b, first, count in self._frame_plan(t.layers_sent, upto, len(t.block_ids)):
-                self._send_frame(t, a, b, first, count)
+        with self._lock:
+            t = self._active(request_id)
+            if not t.layers_sent <= upto <= self.layout.num_layers:
+                raise ValueError(
+                    f"cannot send layers up to {upto}: "
+                    f"{t.layers_sent} of {self.layout.num_layers} already sent"
+                )
+            try:
+                for a, b, first, count in self._frame_plan(t.layers_sent, upto, len(t.block_ids)):
+                    self._send_frame(t, a, b, first, count)
+            except Exception as exc:  # noqa: BLE001 - any failure ends the transfer, blocks freed
+                error = exc if isinstance(exc, TransferError) else TransferError(f"sending failed: {exc!r}")
+                self._tell_abort(t, f"failed on the prefill side: {error}")
+                self._close(t, SendState.FAILED)
+                raise error from (None if error is exc else exc)
             t.layers_sent = upto
-        except TransferError:
-            self._close(t, SendState.FAILED)
-            raise
 
     def send_all(self, request_id: str) -> None:
         self.send_layers(request_id, self.layout.num_layers)
@@ -118,33 +136,48 @@ class KVSender:
     def finish(self, request_id: str, timeout: float | None = None) -> None:
         """Send what is left, then wait for the acknowledgement (within the lease); frees the blocks
         either way and raises the receiver's TransferError, or TransferTimeoutError."""
-        self.send_all(request_id)
-        t = self._transfers[request_id]
-        left = t.expires_at - self.clock()
-        try:
+        with self._lock:
+            self.send_all(request_id)
+            t = self._transfers[request_id]
+            t.ending = True
+            left = t.expires_at - self.clock()
+        try:  # not under the lock: the wait may be long, and aborts/expiry of others go on
             t.connection.end(request_id, t.num_frames, left if timeout is None else min(timeout, left))
-        except TransferError as exc:
-            self._tell_abort(t, f"failed on the prefill side: {exc}")  # in case the receiver holds on
-            self._close(t, SendState.FAILED)
-            raise
-        self._close(t, SendState.DONE)
+        except Exception as exc:  # noqa: BLE001 - any failure ends the transfer, blocks freed
+            error = (
+                exc
+                if isinstance(exc, TransferError)
+                else TransferError(f"waiting for the ack failed: {exc!r}")
+            )
+            with self._lock:
+                self._tell_abort(t, f"failed on the prefill side: {error}")  # in case the receiver holds on
+                self._close(t, SendState.FAILED)
+            raise error from (None if error is exc else exc)
+        with self._lock:
+            if t.state is not SendState.SENDING:  # aborted by another thread while we waited
+                raise TransferAbortedError(
+                    f"the transfer of {request_id!r} was aborted while waiting for its ack"
+                )
+            self._close(t, SendState.DONE)
 
     def abort(self, request_id: str, reason: str = "aborted by the prefill side") -> None:
         """Tell the receiver to drop the transfer and free the blocks. Unknown ids are ignored."""
-        t = self._transfers.get(request_id)
-        if t is None:
-            return
-        self._tell_abort(t, reason)
-        self._close(t, SendState.ABORTED)
+        with self._lock:
+            t = self._transfers.get(request_id)
+            if t is None:
+                return
+            self._tell_abort(t, reason)
+            self._close(t, SendState.ABORTED)
 
     def expire(self) -> list[str]:
         """Abort every transfer whose lease ran out; returns their request ids."""
-        now = self.clock()
-        expired = [t for t in self._transfers.values() if now >= t.expires_at]
-        for t in expired:
-            self._tell_abort(t, f"lease of {self.lease_seconds:g} s expired on the prefill side")
-            self._close(t, SendState.EXPIRED)
-        return [t.request_id for t in expired]
+        with self._lock:
+            now = self.clock()
+            expired = [t for t in self._transfers.values() if now >= t.expires_at and not t.ending]
+            for t in expired:
+                self._tell_abort(t, f"lease of {self.lease_seconds:g} s expired on the prefill side")
+                self._close(t, SendState.EXPIRED)
+            return [t.request_id for t in expired]
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -157,9 +190,11 @@ class KVSender:
             raise UnknownTransferError(f"no transfer of {request_id!r} was started")
         if outcome is SendState.EXPIRED:
             raise TransferTimeoutError(f"the lease on {request_id!r}'s blocks expired; the KV is gone")
+        if outcome in (SendState.DONE, SendState.FAILED):
+            raise TransferError(f"the transfer of {request_id!r} already ended ({outcome.value})")
         raise TransferAbortedError(f"the transfer of {request_id!r} already ended ({outcome.value})")
 
-    def _frame_plan(self, start: int, end: int, num_blocks: int):
+    def _frame_plan(self, start: int, end: int, num_blocks: int) -> Iterator[tuple[int, int, int, int]]:
         """(layer_start, layer_end, first_block, num_blocks) per frame, each under max_frame_bytes."""
         per_layer = self.codec.raw_nbytes(self.layout, num_blocks, 1)
         if per_layer <= self.max_frame_bytes:
@@ -178,8 +213,12 @@ class KVSender:
             raw = torch.empty(raw_len, dtype=torch.uint8, device=self.cache.device)
         else:
             raw = t.connection.payload_buffer(raw_len, self.cache.device)
-        codecs.encode(self.codec, self.cache, (a, b), t.block_tensor[first : first + count], raw)
-        payload = codecs.compress(self.codec, raw)
+        try:
+            codecs.encode(self.codec, self.cache, (a, b), t.block_tensor[first : first + count], raw)
+            payload = codecs.compress(self.codec, raw)
+        except BaseException:
+            t.connection.release_buffer(raw)
+            raise
         alg = checksum_alg_for(payload)
         header = FrameHeader(
             version=FORMAT_VERSION,

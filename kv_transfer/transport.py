@@ -53,6 +53,11 @@ class Connection(ABC):
         hand out their staging slot here, so the codec writes straight into it (no extra copy)."""
         return torch.empty(nbytes, dtype=torch.uint8, device=device)
 
+    def release_buffer(self, buffer: torch.Tensor) -> None:
+        """Give back a buffer from payload_buffer that will not be sent (its encode failed). Plain
+        tensors need nothing; transports that lend staging slots take the slot back."""
+        del buffer
+
     @abstractmethod
     def send(self, frame: Frame) -> None:
         """Queue a frame for delivery; raises TransferError if the link is already broken."""

@@ -38,6 +38,7 @@ class LocalConnection(Connection):
             raise PeerDisconnectedError(f"no local KV transfer server at {address!r}")
         self.address = address
         self._failed: dict[str, TransferError] = {}
+        self._open: set[str] = set()  # requests with frames sent and no end or abort yet
 
     def _server(self) -> LocalServer:
         server = _SERVERS.get(self.address)
@@ -50,15 +51,20 @@ class LocalConnection(Connection):
         if request_id in self._failed:
             return
         server = self._server()
+        if request_id is not None:
+            self._open.add(request_id)
         try:
             with server.lock:
                 server.sink.on_frame(frame)
         except TransferError as exc:
             self._failed[request_id] = exc
+        except Exception as exc:  # noqa: BLE001 - a sink bug fails the request, not the sender
+            self._failed[request_id] = TransferError(f"the receiver failed on a frame: {exc!r}")
 
     def end(self, request_id: str, num_frames: int, timeout: float) -> None:
         if timeout <= 0:
             raise TransferTimeoutError(f"transfer of {request_id!r} ran past its deadline")
+        self._open.discard(request_id)
         error = self._failed.pop(request_id, None)
         if error is not None:
             raise error
@@ -68,10 +74,14 @@ class LocalConnection(Connection):
 
     def abort(self, request_id: str, reason: str) -> None:
         self._failed.pop(request_id, None)
+        self._open.discard(request_id)
         server = _SERVERS.get(self.address)
         if server is not None:
             with server.lock:
                 server.sink.on_abort(request_id, reason)
 
     def close(self) -> None:
+        """Like a dropped link: the receiver drops every request this connection left open."""
+        for request_id in sorted(self._open):
+            self.abort(request_id, "peer disconnected")
         self._failed.clear()

@@ -373,11 +373,16 @@ class ShmConnection(Connection):
     def payload_buffer(self, nbytes: int, device: torch.device | str) -> torch.Tensor:
         """A view of a free slot when the payload fits one on this connection's device (blocks
         until a slot is free, TransferTimeoutError after slot_timeout); otherwise a plain tensor.
-        Every buffer handed out must be sent: its slot is taken until then."""
+        Every buffer handed out must be sent or given back with release_buffer."""
         self._check_open()
         if 0 < nbytes <= self._slot_bytes and self._same_device(torch.device(device)):
             return self._ring.slots[self._ring.acquire(self._slot_timeout, lend=True)][:nbytes]
         return super().payload_buffer(nbytes, torch.device(device))
+
+    def release_buffer(self, buffer: torch.Tensor) -> None:
+        lent = self._ring.take_lent(buffer.reshape(-1)) if buffer.numel() else None
+        if lent is not None:
+            self._ring.release(lent[0])
 
     def send(self, frame: Frame) -> None:
         """Post a frame. A payload from payload_buffer is posted in place; any other payload is

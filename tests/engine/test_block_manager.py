@@ -62,7 +62,7 @@ def test_double_free_and_sharing_free_blocks_are_errors():
     alloc.free(blocks)
     with pytest.raises(ValueError, match="double free"):
         alloc.free(blocks)
-    with pytest.raises(ValueError, match="is free"):
+    with pytest.raises(ValueError, match="are free"):
         alloc.incref([3])
 
 

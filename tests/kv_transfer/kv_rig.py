@@ -37,9 +37,12 @@ class Rig:
     server: LocalServer
     clock: FakeClock
 
-    def sender(self, codec: str = "none", connection: Connection | None = None, **kwargs) -> KVSender:
+    def sender(
+        self, codec: str | CodecSpec = "none", connection: Connection | None = None, **kwargs
+    ) -> KVSender:
         kwargs.setdefault("clock", self.clock)
-        sender = KVSender(self.src, self.layout, self.prefill_blocks, CodecSpec(codec), **kwargs)
+        spec = codec if isinstance(codec, CodecSpec) else CodecSpec(codec)
+        sender = KVSender(self.src, self.layout, self.prefill_blocks, spec, **kwargs)
         self.connection = connection or LocalConnection(self.server.address)
         return sender
 

@@ -110,3 +110,18 @@ def test_unknown_codec_names_are_rejected():
         CodecSpec("int3")
     with pytest.raises(UnknownCodecError, match="brotli"):
         CodecSpec("int8", "brotli")
+
+
+def test_device_checksum_catches_every_single_bit_flip():
+    from kv_transfer.frame import payload_checksum
+
+    payload = torch.randint(0, 256, (1024,), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    base = payload_checksum(payload, "sum64")
+    for i in range(payload.numel()):
+        for bit in range(8):
+            flipped = payload.clone()
+            flipped[i] ^= 1 << bit
+            assert payload_checksum(flipped, "sum64") != base, (i, bit)
+    swapped = payload.clone()
+    swapped[:8], swapped[8:16] = payload[8:16], payload[:8]
+    assert payload_checksum(swapped, "sum64") != base

@@ -8,24 +8,27 @@ import dataclasses
 import msgpack
 import pytest
 import torch
-from kv_rig import BLOCK, DIM, HEADS, LAYERS, RecordingConnection, TamperingConnection, make_rig
+from kv_rig import BLOCK, DIM, HEADS, LAYERS, RecordingConnection, TamperingConnection, make_rig  # noqa: I001
 
 from kernels.kv_quant import CODECS
 from kv_transfer.errors import (
     ChecksumMismatchError,
     FingerprintMismatchError,
+    FrameError,
     FrameTooLargeError,
     LayerSequenceError,
     LayoutMismatchError,
+    PeerDisconnectedError,
     ReservationError,
     TransferAbortedError,
+    TransferError,
     TransferTimeoutError,
     TruncatedFrameError,
     UnknownCodecError,
     UnknownTransferError,
     UnsupportedVersionError,
 )
-from kv_transfer.frame import PREFIX, decode_header
+from kv_transfer.frame import PREFIX, decode_header, payload_checksum
 from kv_transfer.layout import KVLayout
 from kv_transfer.receiver import ReceiveState
 from kv_transfer.sender import KVSender, SendState
@@ -103,6 +106,8 @@ BAD_FRAMES = {
     "layers past the model": (lambda f: with_header(f, layers=[LAYERS, LAYERS + 1]), LayoutMismatchError),
     "blocks past the reservation": (lambda f: with_header(f, first=2), LayoutMismatchError),
     "size disagrees with codec": (lambda f: with_header(f, codec="int8"), LayoutMismatchError),
+    "scale layout of another build": (lambda f: with_header(f, scales="k:bf16[token]"), LayoutMismatchError),
+    "raw length lies": (lambda f: with_header(f, raw=7), LayoutMismatchError),
 }
 
 
@@ -246,3 +251,140 @@ def test_header_fields_round_trip(rig):
     assert header.block_ids == (0, 1, 2) and header.first_block == 0
     assert (header.block_size, header.num_kv_heads, header.head_dim) == (BLOCK, HEADS, DIM)
     assert header.fingerprint == rig.layout.fingerprint and header.payload_len == frames[0].payload.numel()
+
+
+# --- the review's cases: decompression bombs, send failures, late completion, disconnects -----
+
+
+def test_zstd_bomb_is_refused_before_allocating(rig):
+    import zstandard
+
+    sender, frames = recorded_frames(rig)
+    bomb = zstandard.ZstdCompressor(level=19).compress(bytes(1 << 26))  # 64 MiB of zeros, ~2 KiB
+    payload = torch.frombuffer(bytearray(bomb), dtype=torch.uint8)
+    from kv_transfer.frame import payload_checksum
+
+    forged = with_header(
+        frames[0], lossless="zstd", plen=payload.numel(), csum=payload_checksum(payload, "xxh3_64")
+    )
+    with pytest.raises(FrameError, match="declares 67108864 bytes"):
+        rig.receiver.on_frame(Frame(forged.header, payload))
+    assert rig.receiver.status("r1").state is ReceiveState.FAILED
+    sender.abort("r1")
+    rig.assert_nothing_held()
+
+
+@pytest.mark.parametrize("stage", ["zstd", "lz4"])
+def test_lossless_frames_round_trip_and_trailing_bytes_are_refused(rig, stage):
+    from kv_transfer.codecs import CodecSpec
+
+    sender, frames = recorded_frames(rig, CodecSpec("int8", stage))
+    frame = frames[0]
+    padded = torch.cat([frame.payload, torch.zeros(5, dtype=torch.uint8)])
+    tampered = with_header(frame, plen=padded.numel(), csum=payload_checksum(padded, "xxh3_64"))
+    with pytest.raises(FrameError, match="5 bytes after"):
+        rig.receiver.on_frame(Frame(tampered.header, padded))
+    sender.abort("r1")
+    # The untampered frame decodes.
+    rig.receiver.reserve("r1", 40)
+    rig.receiver.on_frame(frame)
+    rig.receiver.on_end("r1", 1)
+    received = rig.dst[:, :, rig.receiver.take("r1")]
+    assert (received - rig.src[:, :, [0, 1, 2]]).abs().max() < 0.05
+
+
+def test_send_failure_releases_the_receivers_reservation(rig):
+    sender = rig.sender()
+    rig.start(sender)
+
+    class BrokenWire(RecordingConnection):
+        def send(self, frame):
+            raise PeerDisconnectedError("the link dropped")
+
+        def abort(self, request_id, reason):
+            rig.receiver.on_abort(request_id, reason)
+
+    sender._transfers["r1"].connection = BrokenWire()
+    with pytest.raises(PeerDisconnectedError):
+        sender.finish("r1")
+    assert sender.state("r1") is SendState.FAILED
+    assert rig.receiver.status("r1").state is ReceiveState.ABORTED
+    rig.assert_nothing_held()
+
+
+def test_encode_failure_fails_the_transfer_and_gives_the_buffer_back(rig, monkeypatch):
+    from kv_transfer import codecs
+
+    released = []
+
+    class Wire(RecordingConnection):
+        def release_buffer(self, buffer):
+            released.append(buffer.numel())
+
+    sender = rig.sender(connection=Wire())
+    rig.start(sender)
+
+    def broken_encode(*args):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(codecs, "encode", broken_encode)
+    with pytest.raises(TransferError, match="CUDA out of memory"):
+        sender.send_all("r1")
+    assert released and sender.state("r1") is SendState.FAILED
+    assert rig.prefill_blocks.num_free_blocks == 16
+
+
+def test_completed_transfer_never_taken_is_freed(rig):
+    sender = rig.sender()
+    rig.start(sender)
+    sender.finish("r1")
+    assert rig.receiver.status("r1").state is ReceiveState.COMPLETE
+    rig.clock.now += 29.0
+    assert rig.receiver.expire() == []
+    rig.clock.now += 2.0
+    assert rig.receiver.expire() == ["r1"]
+    rig.assert_nothing_held()
+
+
+def test_repeated_finish_and_repeated_end_say_what_happened(rig):
+    sender = rig.sender()
+    rig.start(sender)
+    sender.finish("r1")
+    with pytest.raises(TransferError, match="already ended \\(done\\)"):
+        sender.finish("r1")
+    with pytest.raises(LayerSequenceError, match="already completed"):
+        rig.receiver.on_end("r1", 1)
+
+
+def test_closing_a_connection_mid_transfer_frees_the_receiver(rig):
+    sender = rig.sender()
+    rig.start(sender)
+    sender.send_layers("r1", 2)
+    rig.connection.close()  # the prefill side went away
+    assert rig.receiver.status("r1").state is ReceiveState.ABORTED
+    assert rig.receiver.num_reserved_blocks == 0
+    rig.clock.now += 31.0
+    assert sender.expire() == ["r1"]  # and its own lease frees the prefill side
+    rig.assert_nothing_held()
+
+
+def test_expire_does_not_touch_a_transfer_waiting_for_its_ack(rig):
+    import threading
+
+    acked, release = threading.Event(), threading.Event()
+
+    class SlowAck(RecordingConnection):
+        def end(self, request_id, num_frames, timeout):
+            acked.set()
+            release.wait(5)
+
+    sender = rig.sender(connection=SlowAck())
+    rig.start(sender)
+    waiter = threading.Thread(target=sender.finish, args=("r1",))
+    waiter.start()
+    acked.wait(5)
+    rig.clock.now += 31.0
+    assert sender.expire() == []  # the ack wait is bounded by the lease itself
+    release.set()
+    waiter.join(5)
+    assert sender.state("r1") is SendState.DONE
