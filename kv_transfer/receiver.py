@@ -154,6 +154,12 @@ class KVReceiver:
             t = self._transfers.get(request_id)
             return TransferOutcome(t.state) if t is not None else self._outcomes.get(request_id)
 
+    def num_layers_received(self, request_id: str) -> int:
+        """Layers of a transfer in progress that arrived whole (every block), for progress and metrics."""
+        with self._lock:
+            t = self._transfers.get(request_id)
+            return 0 if t is None else int(t.received.all(dim=1).sum())
+
     @property
     def num_reserved_blocks(self) -> int:
         with self._lock:
