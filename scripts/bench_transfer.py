@@ -7,6 +7,9 @@ request's KV (sender encode -> frames -> transport -> receiver checks + decode i
 blocks -> ack); GB/s counts the original bfloat16 KV bytes over the wall time from the first
 frame to the acknowledgement. Ceilings, same bytes, same run: one memcpy (`torch` copy_) for
 `shm`, a raw TCP socket between two processes on loopback for `grpc`; `ray` is the baseline.
+Rows "<transport> frames" isolate the transport: the same bytes as 32 MiB frames written into
+the transport's buffers (one copy, like memcpy) and delivered to a sink that drops them, with no
+gather, checksum or decode.
 
     .venv/bin/python scripts/bench_transfer.py                      # all transports and codecs
     .venv/bin/python scripts/bench_transfer.py --tokens 2048 --transports shm --codecs none
@@ -26,9 +29,11 @@ import torch
 
 from engine.block_manager import BlockAllocator, blocks_needed
 from kv_transfer.codecs import CodecSpec
+from kv_transfer.frame import FORMAT_VERSION, FrameHeader
 from kv_transfer.layout import KVLayout
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.sender import KVSender
+from kv_transfer.transport import Frame
 from kv_transfer.transports import connect, serve
 
 LAYOUT = KVLayout(32, 16, 8, 128, "bfloat16", "llama-3.1-8b-shape")
@@ -60,7 +65,8 @@ def decode_side(kind: str, pipe, num_blocks: int, options: dict) -> None:
     allocator = BlockAllocator(num_blocks)
     receiver = KVReceiver(cache, LAYOUT, allocator, timeout=600.0, max_frame_bytes=1 << 30)
     server = serve(kind, receiver, **options)
-    pipe.send(server.address)
+    null_server = serve(kind, NullSink(), **options)
+    pipe.send((server.address, null_server.address))
     while True:
         command, *args = pipe.recv()
         if command == "reserve":
@@ -70,8 +76,22 @@ def decode_side(kind: str, pipe, num_blocks: int, options: dict) -> None:
             pipe.send(None)
         else:
             server.close()
+            null_server.close()
             pipe.send(None)
             return
+
+
+class NullSink:
+    """Accepts every frame and does nothing with it: what the transport alone costs."""
+
+    def on_frame(self, frame: Frame) -> None:
+        pass
+
+    def on_end(self, request_id: str, num_frames: int) -> None:
+        pass
+
+    def on_abort(self, request_id: str, reason: str) -> None:
+        pass
 
 
 class DecodeSide:
@@ -80,7 +100,7 @@ class DecodeSide:
         self.pipe, child = ctx.Pipe()
         self.process = ctx.Process(target=decode_side, args=(kind, child, num_blocks, options), daemon=True)
         self.process.start()
-        self.address = self.pipe.recv()
+        self.address, self.null_address = self.pipe.recv()
 
     def call(self, *command):
         self.pipe.send(command)
@@ -89,6 +109,35 @@ class DecodeSide:
     def close(self) -> None:
         self.call("quit")
         self.process.join(timeout=30)
+
+
+def _null_header(request_id: str, nbytes: int) -> bytes:
+    """A well-formed header (transports may parse it); the NullSink checks nothing."""
+    return FrameHeader(
+        FORMAT_VERSION, request_id, LAYOUT.fingerprint, (0, 1), (0,), 0, *LAYOUT.block_shape,
+        LAYOUT.dtype, "none", "", "", nbytes, nbytes, 0, "xxh3_64",
+    ).encode()  # fmt: skip
+
+
+def time_frames(connection, src: torch.Tensor, nbytes: int, repeats: int) -> list[float]:
+    """Move `nbytes` of `src` as 32 MiB frames to a NullSink: the transport alone."""
+    flat = src.view(-1).view(torch.uint8)[:nbytes]
+    frame_bytes = 32 << 20
+    times = []
+    for i in range(repeats + 1):
+        request_id = f"frames-{nbytes}-{i}-{time.monotonic_ns()}"
+        start = time.perf_counter()
+        num_frames = 0
+        for offset in range(0, nbytes, frame_bytes):
+            chunk = flat[offset : offset + frame_bytes]
+            buffer = connection.payload_buffer(chunk.numel(), chunk.device)
+            buffer.copy_(chunk)
+            connection.send(Frame(_null_header(request_id, chunk.numel()), buffer))
+            num_frames += 1
+        connection.end(request_id, num_frames, 600.0)
+        if i:
+            times.append(time.perf_counter() - start)
+    return times
 
 
 def time_transfers(
@@ -168,8 +217,15 @@ def run_transport(kind: str, codecs_: list[str], tokens: list[int], repeats: int
     options = {}
     side = DecodeSide(kind, src.shape[2], options)
     connection = connect(kind, side.address)
-    results = {}
+    results, frames = {}, {}
     try:
+        null = connect(kind, side.null_address)
+        for n in tokens:
+            frames["none", n] = gbps(
+                n * BYTES_PER_TOKEN, time_frames(null, src, n * BYTES_PER_TOKEN, repeats)
+            )
+            print(f"  {kind:5s} frames {n:6d} tokens: {frames['none', n]:.2f} GB/s", flush=True)
+        null.close()
         for codec in codecs_:
             allocator = BlockAllocator(src.shape[2])
             allocator.allocate(src.shape[2])  # the benchmark's request owns every block
@@ -182,7 +238,7 @@ def run_transport(kind: str, codecs_: list[str], tokens: list[int], repeats: int
     finally:
         connection.close()
         side.close()
-    return results
+    return results, frames
 
 
 def main() -> None:
@@ -215,7 +271,7 @@ def main() -> None:
 
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     for kind in args.transports:
-        rows[kind] = run_transport(kind, args.codecs, args.tokens, args.repeats, src)
+        rows[kind], rows[f"{kind} frames"] = run_transport(kind, args.codecs, args.tokens, args.repeats, src)
 
     print(
         "\n| path | codec | "

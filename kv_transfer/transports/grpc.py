@@ -48,6 +48,7 @@ from kv_transfer.errors import (
     error_to_wire,
 )
 from kv_transfer.frame import MAX_HEADER_BYTES, decode_header
+from kv_transfer.sink_endpoint import SinkEndpoint
 from kv_transfer.stubs import load as load_stubs
 from kv_transfer.transport import Connection, Frame, FrameSink, TransportServer
 
@@ -280,20 +281,11 @@ class _ReceiveStream:
         self.sink_lock = sink_lock
         self.max_frame_bytes = max_frame_bytes
         self.frame: _Assembly | None = None
-        self.open_requests: set[str] = set()  # began, neither ended nor failed
-        self.failed: dict[str, tuple[str, str]] = {}  # request id -> (error class, message), until End
+        self.endpoint = SinkEndpoint(sink, sink_lock)  # open requests, first errors, sink calls
         self.buffer: torch.Tensor | None = None  # frames up to REUSE_MAX_BYTES are reassembled here
-        # The handler thread calls handle(); gRPC's termination callback may call
-        # abort_open_requests() from another thread when the peer cancels or dies.
-        self.lock = threading.Lock()
-        self.closed = False
 
     def handle(self, message, data: memoryview) -> object | None:
         """Process one KVMessage (`data`: its chunk's payload bytes); returns the KVReply to send."""
-        with self.lock:
-            return None if self.closed else self._handle(message, data)
-
-    def _handle(self, message, data: memoryview) -> object | None:
         kind = message.WhichOneof("kind")
         if kind == "chunk":
             self._on_chunk(message.chunk, data)
@@ -301,27 +293,18 @@ class _ReceiveStream:
         self._cut_short()
         if kind == "end":
             request_id = message.end.request_id
-            self.open_requests.discard(request_id)
-            error = self.failed.pop(request_id, None) or self._call(
-                self.sink.on_end, request_id, message.end.num_frames
-            )
+            error = self.endpoint.end(request_id, message.end.num_frames)
             if error is None:
                 return pb2.KVReply(ack=pb2.Ack(request_id=request_id))
-            return pb2.KVReply(error=pb2.Error(request_id=request_id, error_class=error[0], message=error[1]))
+            name, text = error_to_wire(error)
+            return pb2.KVReply(error=pb2.Error(request_id=request_id, error_class=name, message=text))
         if kind == "abort":
-            self.open_requests.discard(message.abort.request_id)
-            self.failed.pop(message.abort.request_id, None)
-            self._abort(message.abort.request_id, message.abort.reason)
+            self.endpoint.abort(message.abort.request_id, message.abort.reason)
         return None
 
     def abort_open_requests(self) -> None:
-        """The stream broke: abort every request that began and neither ended nor failed."""
-        with self.lock:
-            self.closed = True
-            for request_id in sorted(self.open_requests):
-                self._abort(request_id, _DISCONNECTED)
-            self.open_requests.clear()
-            self.failed.clear()
+        """The stream ended or broke (gRPC's termination callback, any thread): drop what is open."""
+        self.endpoint.abort_open(_DISCONNECTED)
 
     def _on_chunk(self, chunk, data: memoryview) -> None:
         if chunk.header:
@@ -346,17 +329,14 @@ class _ReceiveStream:
             if frame.payload is not None and frame.received != frame.payload.numel():
                 self._fail_frame(frame, self._truncated(frame))
             if frame.payload is not None:
-                error = self._call(self.sink.on_frame, Frame(frame.header, frame.payload))
-                if error is not None:  # the sink has dropped the request itself
-                    self.failed[frame.request_id] = error
-                    self.open_requests.discard(frame.request_id)
+                self.endpoint.frame(frame.request_id, Frame(frame.header, frame.payload))
 
     def _begin(self, chunk) -> None:
         request_id = chunk.request_id
         self.frame = _Assembly(request_id, chunk.frame_seq, chunk.header)
-        if request_id in self.failed:
+        if self.endpoint.has_failed(request_id):
             return
-        self.open_requests.add(request_id)
+        self.endpoint.begin(request_id)
         try:
             header = decode_header(chunk.header)
             size = len(chunk.header) + header.payload_len
@@ -396,30 +376,8 @@ class _ReceiveStream:
             frame.payload = None
 
     def _fail(self, request_id: str, exc: TransferError) -> None:
-        """The transport refused a frame of the request: abort it at the sink, which may hold blocks
-        for it, and keep the error for the request's End."""
-        if request_id in self.failed:
-            return
-        self.failed[request_id] = error_to_wire(exc)
-        self.open_requests.discard(request_id)
-        self._abort(request_id, f"{type(exc).__name__}: {exc}")
-
-    def _call(self, method: Callable, *args) -> tuple[str, str] | None:
-        """Call the sink (alone); what it raised, as (error class, message)."""
-        try:
-            with self.sink_lock:
-                method(*args)
-        except TransferError as exc:
-            return error_to_wire(exc)
-        except Exception as exc:  # a bug in the sink must not end the stream
-            logger.exception("KV frame sink %s failed", method.__qualname__)
-            return error_to_wire(exc)
-        return None
-
-    def _abort(self, request_id: str, reason: str) -> None:
-        error = self._call(self.sink.on_abort, request_id, reason)
-        if error is not None:
-            logger.warning("aborting KV transfer %r: %s: %s", request_id, *error)
+        """The transport refused a frame of the request (kept for its End; the sink lets it go now)."""
+        self.endpoint.fail(request_id, exc)
 
 
 # --- sender --------------------------------------------------------------------------------------

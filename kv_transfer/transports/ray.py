@@ -40,6 +40,7 @@ from kv_transfer.errors import (
     error_to_wire,
 )
 from kv_transfer.frame import peek_request_id
+from kv_transfer.sink_endpoint import SinkEndpoint
 from kv_transfer.transport import Connection, Frame, FrameSink, TransportServer
 
 logger = logging.getLogger(__name__)
@@ -97,49 +98,15 @@ class Mailbox:
         self._queue.put_nowait(["closed"])
 
 
-class SinkEndpoint:
-    """The receiving process's side, a plain class: delivers frames to the sink, keeps a request's
-    first error (later frames of that request are dropped) and reports it from on_end."""
-
-    def __init__(self, sink: FrameSink) -> None:
-        self.sink = sink
-        self.failed: dict[str, Exception] = {}
-        self.open: set[str] = set()  # requests that began and did not end or abort
-
-    def on_frame(self, request_id: str, ref: ray.ObjectRef) -> None:
-        self.open.add(request_id)
-        if request_id in self.failed:
-            return
-        try:
-            header, payload = ray.get(ref)
-            with warnings.catch_warnings():  # object-store arrays are read-only; sinks only read them
-                warnings.simplefilter("ignore", UserWarning)
-                frame = Frame(header, torch.from_numpy(payload))
-            self.sink.on_frame(frame)
-        except RayError as exc:
-            self.failed[request_id] = PeerDisconnectedError(f"a frame of {request_id!r} was lost: {exc}")
-        except Exception as exc:
-            if not isinstance(exc, TransferError):
-                logger.exception("the KV sink failed on a frame of %r", request_id)
-            self.failed[request_id] = exc
-
-    def on_end(self, request_id: str, num_frames: int) -> tuple[str, str] | None:
-        self.open.discard(request_id)
-        error = self.failed.pop(request_id, None)
-        if error is None:
-            try:
-                self.sink.on_end(request_id, num_frames)
-            except Exception as exc:
-                error = exc
-        return None if error is None else error_to_wire(error)
-
-    def on_abort(self, request_id: str, reason: str) -> None:
-        self.open.discard(request_id)
-        self.failed.pop(request_id, None)
-        try:
-            self.sink.on_abort(request_id, reason)
-        except Exception:
-            logger.exception("the KV sink failed aborting %r", request_id)
+def _frame_from(ref: ray.ObjectRef) -> Frame:
+    """The frame behind an object reference, read in place from the object store."""
+    try:
+        header, payload = ray.get(ref)
+    except RayError as exc:
+        raise PeerDisconnectedError(f"a KV frame was lost in the object store: {exc}") from exc
+    with warnings.catch_warnings():  # object-store arrays are read-only; sinks only read them
+        warnings.simplefilter("ignore", UserWarning)
+        return Frame(header, torch.from_numpy(payload))
 
 
 _MailboxActor = ray.remote(num_cpus=0, max_restarts=0)(Mailbox)
@@ -172,13 +139,13 @@ class RayServer(TransportServer):
                 break
             for kind, request_id, arg in batch:
                 if kind == "frame":
-                    self.endpoint.on_frame(request_id, arg[0])
+                    self.endpoint.frame(request_id, lambda ref=arg[0]: _frame_from(ref))
                 elif kind == "end":
-                    self.mailbox.answer.remote(request_id, self.endpoint.on_end(request_id, arg))
+                    error = self.endpoint.end(request_id, arg)
+                    self.mailbox.answer.remote(request_id, None if error is None else error_to_wire(error))
                 elif kind == "abort":
-                    self.endpoint.on_abort(request_id, arg)
-        for request_id in sorted(self.endpoint.open):
-            self.endpoint.on_abort(request_id, "server closed")
+                    self.endpoint.abort(request_id, arg)
+        self.endpoint.abort_open("server closed")
 
     def close(self) -> None:
         """Answer pending end()s with PeerDisconnectedError, abort open requests, kill the actor."""

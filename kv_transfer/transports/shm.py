@@ -71,6 +71,7 @@ from kv_transfer.errors import (
     error_to_wire,
 )
 from kv_transfer.frame import peek_request_id
+from kv_transfer.sink_endpoint import SinkEndpoint
 from kv_transfer.transport import Connection, Frame, FrameSink, TransportServer
 
 logger = logging.getLogger(__name__)
@@ -478,8 +479,7 @@ class _ServerConnection:
         self.slots: list[torch.Tensor] = []
         self.mappings: list[mmap.mmap] = []
         self.device = torch.device("cpu")
-        self.failed: dict[str, Exception] = {}  # request -> first error, reported at its end
-        self.open: set[str] = set()  # requests that began and did not end or abort
+        self.endpoint = SinkEndpoint(server.sink, server.sink_lock)
 
     def run(self) -> None:
         try:
@@ -498,7 +498,7 @@ class _ServerConnection:
                 elif kind == "end":
                     self._end(*message[1:])
                 elif kind == "abort":
-                    self._abort(*message[1:])
+                    self.endpoint.abort(*message[1:])
                 else:
                     raise TransferError(f"unknown control message {kind!r}")
         except (EOFError, OSError):
@@ -510,9 +510,7 @@ class _ServerConnection:
             self.slots = []
             _unmap(self.mappings)
             self.channel.close()
-            reason = "server closed" if self.server.closing else "peer disconnected"
-            for request_id in sorted(self.open):
-                self._abort(request_id, reason)
+            self.endpoint.abort_open("server closed" if self.server.closing else "peer disconnected")
 
     def _reply(self, message: list) -> None:
         try:
@@ -548,15 +546,17 @@ class _ServerConnection:
         length: int,
         fd: int | None = None,
     ) -> None:
-        self.open.add(request_id)
         mapping = None
         try:
-            if request_id in self.failed:
+            if self.endpoint.has_failed(request_id):
                 return
             if len(header) + length > self.server.max_frame_bytes:
-                self.failed[request_id] = FrameTooLargeError(
-                    f"a {len(header) + length}-byte frame of {request_id!r} exceeds this receiver's "
-                    f"limit of {self.server.max_frame_bytes} bytes"
+                self.endpoint.fail(
+                    request_id,
+                    FrameTooLargeError(
+                        f"a {len(header) + length}-byte frame of {request_id!r} exceeds this receiver's "
+                        f"limit of {self.server.max_frame_bytes} bytes"
+                    ),
                 )
                 return
             if fd is not None:
@@ -564,6 +564,7 @@ class _ServerConnection:
             elif (
                 slot is not None
                 and 0 <= slot < len(self.slots)
+                and 0 <= offset
                 and offset + length <= self.slots[slot].numel()
             ):
                 payload = self.slots[slot][offset : offset + length]
@@ -573,9 +574,11 @@ class _ServerConnection:
                 raise TransferError(
                     f"frame of {request_id!r} names no valid slot ({slot}, {offset}, {length})"
                 )
-            self._deliver(request_id, Frame(header, payload))
+            self.endpoint.frame(request_id, Frame(header, payload))
+            if payload.is_cuda:
+                torch.cuda.synchronize(payload.device)  # the sink is done reading before the slot is freed
         except TransferError as exc:
-            self.failed[request_id] = exc
+            self.endpoint.fail(request_id, exc)
         finally:
             payload = None
             if mapping is not None:
@@ -583,39 +586,9 @@ class _ServerConnection:
             if fd is not None:
                 os.close(fd)
 
-    def _deliver(self, request_id: str, frame: Frame) -> None:
-        try:
-            with self.server.sink_lock:
-                self.server.sink.on_frame(frame)
-                if frame.payload.is_cuda:
-                    torch.cuda.synchronize(frame.payload.device)  # done reading before the slot is freed
-        except TransferError as exc:
-            self.failed[request_id] = exc
-        except Exception as exc:
-            logger.exception("the KV sink failed on a frame of %r", request_id)
-            self.failed[request_id] = exc
-
     def _end(self, request_id: str, num_frames: int) -> None:
-        self.open.discard(request_id)
-        error = self.failed.pop(request_id, None)
-        if error is None:
-            try:
-                with self.server.sink_lock:
-                    self.server.sink.on_end(request_id, num_frames)
-            except Exception as exc:
-                if not isinstance(exc, TransferError):
-                    logger.exception("the KV sink failed ending %r", request_id)
-                error = exc
+        error = self.endpoint.end(request_id, num_frames)
         self._reply(["ack", request_id] if error is None else ["error", request_id, *error_to_wire(error)])
-
-    def _abort(self, request_id: str, reason: str) -> None:
-        self.open.discard(request_id)
-        self.failed.pop(request_id, None)
-        try:
-            with self.server.sink_lock:
-                self.server.sink.on_abort(request_id, reason)
-        except Exception:
-            logger.exception("the KV sink failed aborting %r", request_id)
 
 
 def _rebuild_cuda(handle: bytes) -> torch.Tensor:

@@ -329,7 +329,7 @@ def test_oversized_frame_is_refused_and_the_server_keeps_serving(sink, serve, co
     conn.end("small", 1, timeout=WAIT)
     assert len(sink.payloads("big")) == 1 and len(sink.payloads("small")) == 1
     assert sink.aborts == [("big", sink.aborts[0][1])]  # the sink frees what it reserved for "big"
-    assert sink.aborts[0][1].startswith("FrameTooLargeError")
+    assert "FrameTooLargeError" in sink.aborts[0][1]
 
 
 def test_a_plain_protobuf_peer_gets_frame_errors_by_class(sink, serve):
