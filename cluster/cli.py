@@ -114,6 +114,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": answer})
 
 
+def cmd_check_config(args: argparse.Namespace) -> int:
+    """Print the config with every default filled in, or the first problem with its key."""
+    import yaml
+
+    from cluster.config import load_config
+
+    config = load_config(args.config)
+    print(yaml.safe_dump(config.to_dict(), sort_keys=False), end="")
+    gpus = f"{config.num_gpus} GPUs" if config.model.device != "cpu" else "CPU only"
+    print(f"# {args.config}: valid ({gpus})", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--chat", action="store_true", help="apply the model's chat template")
     gen.add_argument("--interactive", "-i", action="store_true", help="chat on the terminal (implies --chat)")
     gen.set_defaults(func=cmd_generate)
+    check = sub.add_parser("check-config", help="validate a deployment config file and print it in full")
+    check.add_argument("config", help="the YAML file (see configs/)")
+    check.set_defaults(func=cmd_check_config)
     return parser
 
 
