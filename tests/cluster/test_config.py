@@ -129,3 +129,26 @@ def test_check_config_command(tmp_path):
     )
     assert fail.returncode == 1
     assert "server.max_queue: must be >= 1" in fail.stderr and "Traceback" not in fail.stderr
+
+
+def test_ray_cluster_file_passes_rays_own_schema():
+    import json
+
+    import jsonschema
+    import ray.autoscaler
+    from jsonschema import ValidationError
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+    def validate_config(config: dict) -> None:  # what `ray up` checks the file against
+        jsonschema.validate(config, schema)
+
+    cluster = yaml.safe_load((CONFIGS.parent / "scripts" / "cluster.yaml").read_text())
+    validate_config(cluster)
+    types = cluster["available_node_types"]
+    assert types[cluster["head_node_type"]]["resources"] == {}
+    assert any(t.get("resources", {}).get("GPU", 0) >= 1 for t in types.values())
+    assert any("pip install -e ." in command for command in cluster["setup_commands"])
+    assert any("ray start --head" in command for command in cluster["head_start_ray_commands"])
+    with pytest.raises(ValidationError):  # the schema is strict: a typo would not pass
+        validate_config({**cluster, "max_worker": 4})
