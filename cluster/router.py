@@ -1,0 +1,97 @@
+"""Which prefill and which decode instance serve a request: the router's policy, a plain class.
+
+    admit(request) ──► prefill: least pending prefill tokens (ties: fewest running requests)
+                   ──► decode:  most free KV blocks that can hold the prompt (ties: lowest load)
+                   ──► Overloaded when the waiting queue is at its bound, or nothing is healthy
+
+Instances report their load (`report`); the router also counts what it sent since the last
+report, so a burst between reports spreads out instead of piling onto one instance. Any number
+of instances per pool (DistServe's own code runs exactly one of each).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.errors import PDServeError
+
+
+class Overloaded(PDServeError, RuntimeError):
+    """No capacity now: the queue is at its bound or no instance can take the request (429 /
+    RESOURCE_EXHAUSTED to the client; retry later)."""
+
+
+@dataclass
+class PrefillLoad:
+    pending_tokens: int = 0  # prompt tokens queued or being prefilled
+    running: int = 0  # requests in its queue or batch
+    healthy: bool = True
+
+
+@dataclass
+class DecodeLoad:
+    free_blocks: int = 0  # KV blocks it can still reserve
+    block_size: int = 16
+    running: int = 0  # sequences in its batch
+    max_batch: int = 64
+    healthy: bool = True
+
+    def can_hold(self, num_tokens: int) -> bool:
+        has_room = self.free_blocks * self.block_size >= num_tokens
+        return self.healthy and self.running < self.max_batch and has_room
+
+
+@dataclass(frozen=True)
+class Route:
+    prefill: str
+    decode: str
+
+
+@dataclass
+class Router:
+    max_waiting: int = 256  # requests admitted but not yet decoding, across the cluster
+    prefill: dict[str, PrefillLoad] = field(default_factory=dict)
+    decode: dict[str, DecodeLoad] = field(default_factory=dict)
+    waiting: int = 0
+
+    def report_prefill(self, instance: str, load: PrefillLoad) -> None:
+        self.prefill[instance] = load
+
+    def report_decode(self, instance: str, load: DecodeLoad) -> None:
+        self.decode[instance] = load
+
+    def remove(self, instance: str) -> None:
+        """An instance died or is draining: route nothing more to it."""
+        self.prefill.pop(instance, None)
+        self.decode.pop(instance, None)
+
+    def admit(self, num_prompt_tokens: int, max_new_tokens: int) -> Route:
+        """Pick the instances for a request and count it against their load; raises Overloaded."""
+        if self.waiting >= self.max_waiting:
+            raise Overloaded(
+                f"{self.waiting} requests are waiting (the bound is {self.max_waiting}); retry later"
+            )
+        prefills = [(name, load) for name, load in self.prefill.items() if load.healthy]
+        if not prefills:
+            raise Overloaded("no healthy prefill instance")
+        need = num_prompt_tokens + 1  # the prompt's KV plus the first token's
+        decodes = [(name, load) for name, load in self.decode.items() if load.can_hold(need)]
+        if not decodes:
+            raise Overloaded(
+                f"no decode instance has room for {need} tokens of KV now; retry later"
+                if any(load.healthy for load in self.decode.values())
+                else "no healthy decode instance"
+            )
+        p_name, p_load = min(prefills, key=lambda item: (item[1].pending_tokens, item[1].running, item[0]))
+        d_name, d_load = min(decodes, key=lambda item: (-item[1].free_blocks, item[1].running, item[0]))
+        # Count the request until the instances' next reports say where it stands.
+        p_load.pending_tokens += num_prompt_tokens
+        p_load.running += 1
+        d_load.free_blocks -= -(-need // d_load.block_size)
+        d_load.running += 1
+        self.waiting += 1
+        return Route(p_name, d_name)
+
+    def leave_queue(self) -> None:
+        """A routed request started decoding, or failed or was cancelled before: it no longer waits."""
+        self.waiting = max(0, self.waiting - 1)
