@@ -6,15 +6,25 @@
                                                               finished ──> blocks freed
 
 A step is three lines: schedule, run, postprocess. It is the offline API's engine and the
-colocated baseline the disaggregated cluster is measured against.
+colocated baseline the disaggregated cluster is measured against; the same loop runs both halves
+of a disaggregated deployment, by role:
+
+    colocated  prefill and decode here (the default)
+    prefill    a request ends here with its first token: finish_reason "prefilled" and its KV
+               blocks in `kv_blocks`, now the caller's (the KV sender frees them once decode has
+               them); a request its first token already finished ("stop"/"length") also hands
+               its blocks over, for the caller to free
+    decode     `add_prefilled` adopts a request whose prompt KV arrived in this cache's blocks
 """
 
 from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 
+from engine.block_manager import blocks_needed
 from engine.detokenizer import IncrementalDetokenizer
 from engine.engine_config import EngineConfig
 from engine.errors import (
@@ -32,12 +42,21 @@ from engine.scheduler import ScheduledChunk, Scheduler
 from engine.sequence import Sequence
 
 Prompt = str | Seq[int]
+ROLES = ("colocated", "prefill", "decode")
+# Prefill role, layer-wise KV transfer: called as each layer's K/V land in the cache with the
+# (request id, KV blocks) of every request whose prefill completes in this step.
+LayerHook = Callable[[list[tuple[str, list[int]]], int], None]
 
 
 class LLMEngine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self, config: EngineConfig, loaded: LoadedModel | None = None, role: str = "colocated"
+    ) -> None:
         """`loaded` reuses a model already in memory (its attention layers are rebound to this
-        engine's KV cache, so two engines must not share one model at the same time)."""
+        engine's KV cache at every step, so engines sharing one model must step in turn)."""
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.role = role
         self.config = config
         device = config.torch_device
         loaded = loaded or load_model(config.model, config.torch_dtype, device, seed=config.seed)
@@ -68,6 +87,8 @@ class LLMEngine:
         self._detok: dict[str, IncrementalDetokenizer] = {}
         self._texts: dict[str, str] = {}
         self._errors: dict[str, PDServeError] = {}
+        self._handed_off: dict[str, list[int]] = {}  # prefill role: KV blocks for the next output
+        self._ready: list[RequestOutput] = []  # outputs produced outside a step (add_prefilled)
         self._ids = itertools.count()
 
     # --- requests -----------------------------------------------------------------------------
@@ -98,6 +119,42 @@ class LLMEngine:
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
         """Validate and enqueue; raises a specific PDServeError for bad input and changes nothing then."""
+        seq = self._new_sequence(prompt, params, request_id)
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def add_prefilled(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        first_token: int,
+        params: SamplingParams,
+        block_ids: list[int],
+    ) -> None:
+        """Decode role: continue a request prefilled elsewhere. Its prompt's KV is in `block_ids`
+        (blocks of this engine's allocator, e.g. from KVReceiver.take), now owned by the request;
+        `first_token` is the token the prefill side sampled. Greedy output is identical to the
+        colocated engine's; a seeded request continues from a fresh generator of its seed."""
+        seq = self._new_sequence(list(prompt_token_ids), params, request_id)
+        needed = blocks_needed(seq.num_prompt_tokens, self.scheduler.block_size)
+        problem = None
+        if len(block_ids) != needed:
+            problem = f"{seq.num_prompt_tokens} prompt tokens need {needed} KV blocks, got {len(block_ids)}"
+        elif not 0 <= first_token < self.vocab_size:
+            problem = f"first token {first_token} is outside the vocabulary [0, {self.vocab_size})"
+        if problem is not None:
+            self._forget(seq)
+            raise InvalidPromptError(f"request {request_id!r}: {problem}")
+        seq.block_table = list(block_ids)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        self.scheduler.adopt(seq)
+        self._append_token(seq, first_token, time.monotonic())
+        if seq.is_finished:  # its first token was also its last
+            self._ready.append(self._pop_output(seq))
+
+    def _new_sequence(
+        self, prompt: Prompt, params: SamplingParams | None, request_id: str | None
+    ) -> Sequence:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidPromptError(f"params must be a SamplingParams, got {type(params).__name__}")
@@ -127,8 +184,13 @@ class LLMEngine:
                 self.tokenizer, ids, skip_special_tokens=params.skip_special_tokens
             )
         self._texts[request_id] = ""
-        self.scheduler.add(seq)
-        return request_id
+        return seq
+
+    def _forget(self, seq: Sequence) -> None:
+        """Drop every per-request record of `seq` (its blocks are already freed or handed off)."""
+        del self._seqs[seq.request_id], self._texts[seq.request_id]
+        for records in (self._detok, self._errors, self._handed_off):
+            records.pop(seq.request_id, None)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         seq = self._seqs.get(request_id)
@@ -146,14 +208,20 @@ class LLMEngine:
 
     # --- the loop -----------------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, layer_hook: LayerHook | None = None) -> list[RequestOutput]:
         """Run one batch; return an output for every request that produced a token or finished."""
         plan = self.scheduler.schedule()
         for seq in plan.out_of_memory:
             self._finish(seq, "length")
-        sampled = self.runner.execute(plan.chunks) if plan.chunks else None
+        on_layer_stored = None
+        if layer_hook is not None:
+            done = [(c.seq.request_id, list(c.seq.block_table)) for c in plan.chunks if c.samples]
+            done = done if self.role == "prefill" else []
+            on_layer_stored = (lambda layer: layer_hook(done, layer)) if done else None
+        sampled = self.runner.execute(plan.chunks, on_layer_stored) if plan.chunks else None
         updated = self._postprocess(plan.chunks, sampled)
-        return [
+        ready, self._ready = self._ready, []
+        return ready + [
             self._pop_output(s) if s.is_finished else self._output(s) for s in (*plan.out_of_memory, *updated)
         ]
 
@@ -175,6 +243,8 @@ class LLMEngine:
             i += 1
             try:
                 self._append_token(seq, token, now)
+                if self.role == "prefill" and not seq.is_finished:
+                    self._finish(seq, "prefilled")  # decode continues elsewhere
             except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the others
                 self._fail(seq, exc)
             updated.append(seq)
@@ -216,7 +286,11 @@ class LLMEngine:
             self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
-        self.scheduler.finish(seq, reason)
+        if self.role == "prefill" and seq.num_output_tokens == 1:  # its KV goes to the caller
+            self._handed_off[seq.request_id] = self.scheduler.hand_off(seq)
+            seq.finish_reason = reason
+        else:
+            self.scheduler.finish(seq, reason)
         seq.finished_time = time.monotonic()
         detok = self._detok.get(seq.request_id)
         if detok is not None and reason in ("length", "abort"):
@@ -242,13 +316,12 @@ class LLMEngine:
                 seq.arrival_time, seq.first_scheduled_time, seq.first_token_time, seq.finished_time
             ),
             error=self._errors.get(seq.request_id),
+            kv_blocks=self._handed_off.get(seq.request_id),
         )
 
     def _pop_output(self, seq: Sequence) -> RequestOutput:
         out = self._output(seq)
-        del self._seqs[seq.request_id], self._texts[seq.request_id]
-        self._detok.pop(seq.request_id, None)
-        self._errors.pop(seq.request_id, None)
+        self._forget(seq)
         return out
 
 

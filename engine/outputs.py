@@ -28,11 +28,13 @@ class RequestOutput:
     token_ids: list[int]  # generated tokens so far (all of them once finished)
     text: str  # generated text so far (stop string excluded)
     finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error" | "prefilled"
     logprobs: list[float | None] | None = None
     top_logprobs: list[list[tuple[int, float]] | None] | None = None
     timeline: RequestTimeline | None = None
     error: PDServeError | None = field(default=None, compare=False)
+    # Prefill role: the request's KV blocks, handed to the caller with its first token.
+    kv_blocks: list[int] | None = None
 
     @property
     def num_output_tokens(self) -> int:

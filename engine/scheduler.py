@@ -97,6 +97,20 @@ class Scheduler:
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
 
+    def hand_off(self, seq: Sequence) -> list[int]:
+        """Prefill role: `seq` leaves this scheduler with its KV blocks, which now belong to the
+        caller (the KV sender frees them once decode has them)."""
+        self.running.remove(seq)
+        blocks, seq.block_table = seq.block_table, []
+        seq.status = SequenceStatus.FINISHED
+        return blocks
+
+    def adopt(self, seq: Sequence) -> None:
+        """Decode role: `seq` arrives with its prompt's KV already in `seq.block_table` (blocks of
+        this scheduler's allocator) and joins the running batch."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         decodes: list[ScheduledChunk] = []
