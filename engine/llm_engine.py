@@ -200,7 +200,8 @@ class LLMEngine:
         return self._pop_output(seq)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        """True while a step has something to do or an output to return."""
+        return self.scheduler.has_unfinished() or bool(self._ready)
 
     @property
     def num_free_blocks(self) -> int:

@@ -75,8 +75,6 @@ class Disaggregated:
             for out in self.decode.step():
                 if out.finished:
                     results[out.request_id] = out.token_ids
-        for out in self.decode.step():  # outputs finished on arrival
-            results[out.request_id] = out.token_ids
         return {request_id: results[request_id] for request_id in ids}
 
     def assert_all_blocks_back(self) -> None:
@@ -115,6 +113,17 @@ def test_a_first_token_that_ends_the_request_hands_its_blocks_back(embedded_load
     assert outs[0].finish_reason == "length" and len(outs[0].token_ids) == 1 and outs[0].kv_blocks
     assert pd.p_alloc.num_free_blocks == pd.p_alloc.num_blocks - len(outs[0].kv_blocks)  # the caller's now
     pd.p_alloc.free(outs[0].kv_blocks)
+    pd.assert_all_blocks_back()
+
+
+def test_a_request_finished_on_arrival_is_still_returned(embedded_loaded, prompts):
+    pd = Disaggregated(embedded_loaded)
+    blocks = pd.d_alloc.allocate(1)
+    pd.decode.add_prefilled("r", prompts[2], 42, SamplingParams(max_tokens=1), blocks)
+    assert pd.decode.has_unfinished_requests()  # its output is waiting for the next step
+    (out,) = pd.decode.step()
+    assert (out.request_id, out.token_ids, out.finish_reason) == ("r", [42], "length")
+    assert not pd.decode.has_unfinished_requests()
     pd.assert_all_blocks_back()
 
 
