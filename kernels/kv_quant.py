@@ -28,6 +28,8 @@ with one-byte scales +2.7%.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 CODECS = ("none", "fp8", "int8", "int4")
@@ -133,18 +135,25 @@ def _dequantize_int(
 # --- whole payloads ----------------------------------------------------------------------------
 
 
-def encode_ref(
-    cache: torch.Tensor, layers: tuple[int, int], block_ids: torch.Tensor, codec: str, out: torch.Tensor
-) -> None:
-    """Encode layers [a, b) of `block_ids` (int64 [n], cache's device) of `cache` into `out` (uint8)."""
+def _layer_segments(
+    payload: torch.Tensor, cache: torch.Tensor, layers: tuple[int, int], block_ids: torch.Tensor, codec: str
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(layer, typed views of its segment) for each layer of a payload, after checking its size."""
     a, b = layers
     _, _, _, t, h, d = cache.shape
     n = block_ids.numel()
     seg = layer_nbytes(codec, n, t, h, d, cache.element_size())
-    if out.numel() != seg * (b - a):
-        raise ValueError(f"payload buffer holds {out.numel()} bytes, layers {a}-{b - 1} need {seg * (b - a)}")
+    if payload.numel() != seg * (b - a):
+        raise ValueError(f"payload holds {payload.numel()} bytes, layers {a}-{b - 1} need {seg * (b - a)}")
     for i, layer in enumerate(range(a, b)):
-        views = split_segment(out[i * seg : (i + 1) * seg], codec, n, t, h, d, cache.dtype)
+        yield layer, split_segment(payload[i * seg : (i + 1) * seg], codec, n, t, h, d, cache.dtype)
+
+
+def encode_ref(
+    cache: torch.Tensor, layers: tuple[int, int], block_ids: torch.Tensor, codec: str, out: torch.Tensor
+) -> None:
+    """Encode layers [a, b) of `block_ids` (int64 [n], cache's device) of `cache` into `out` (uint8)."""
+    for layer, views in _layer_segments(out, cache, layers, block_ids, codec):
         for kv, name in ((0, "k"), (1, "v")):
             if codec == "none":  # gather straight into the payload: one copy
                 torch.index_select(cache[layer, kv], 0, block_ids, out=views[name])
@@ -166,14 +175,7 @@ def decode_ref(
     payload: torch.Tensor, cache: torch.Tensor, layers: tuple[int, int], block_ids: torch.Tensor, codec: str
 ) -> None:
     """Decode a payload made by encode_ref into `cache` at `block_ids` (the receiver's own blocks)."""
-    a, b = layers
-    _, _, _, t, h, d = cache.shape
-    n = block_ids.numel()
-    seg = layer_nbytes(codec, n, t, h, d, cache.element_size())
-    if payload.numel() != seg * (b - a):
-        raise ValueError(f"payload has {payload.numel()} bytes, layers {a}-{b - 1} need {seg * (b - a)}")
-    for i, layer in enumerate(range(a, b)):
-        views = split_segment(payload[i * seg : (i + 1) * seg], codec, n, t, h, d, cache.dtype)
+    for layer, views in _layer_segments(payload, cache, layers, block_ids, codec):
         for kv, name in ((0, "k"), (1, "v")):
             if codec == "none":
                 x = views[name]

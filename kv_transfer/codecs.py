@@ -11,9 +11,9 @@ import torch
 
 from kernels.kv_quant import CODECS, decode_ref, encode_ref, layer_nbytes
 from kv_transfer.errors import FrameError, UnknownCodecError
+from kv_transfer.frame import LOSSLESS
 from kv_transfer.layout import KVLayout
 
-LOSSLESS = ("", "zstd", "lz4")
 _SCALE_LAYOUTS = {
     "none": "",
     "fp8": "k,v:f32[block,head]",

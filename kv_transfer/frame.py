@@ -228,12 +228,3 @@ def verify_payload(header: FrameHeader, payload: torch.Tensor) -> None:
             f"frame for {header.request_id!r} (layers {header.layers[0]}-{header.layers[1] - 1}): "
             "payload checksum mismatch; the bytes were corrupted in transit"
         )
-
-
-def split_frame(data: bytes | memoryview | torch.Tensor) -> tuple[FrameHeader, bytes, torch.Tensor]:
-    """A whole frame as one buffer -> (header, header bytes, payload view). For byte-stream transports."""
-    buf = data if isinstance(data, torch.Tensor) else torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    view = memoryview(buf.numpy()) if buf.numel() else memoryview(b"")
-    header = decode_header(view)
-    start = PREFIX.size + header_length(view)
-    return header, bytes(view[:start]), buf[start:]

@@ -9,6 +9,7 @@ import torch
 
 from engine.block_manager import BlockAllocator
 from kv_transfer.codecs import CodecSpec
+from kv_transfer.frame import FORMAT_VERSION, FrameHeader, payload_checksum
 from kv_transfer.layout import KVLayout
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.sender import KVSender
@@ -103,3 +104,29 @@ class TamperingConnection(LocalConnection):
     def send(self, frame: Frame) -> None:
         self.sent += 1
         super().send(self.mutate(frame) if self.sent == 1 else frame)
+
+
+def opaque_frame(request_id: str, payload: torch.Tensor, layer: int = 0) -> Frame:
+    """A well-formed frame around arbitrary bytes, for transport tests: its header carries the
+    request, the layer and a checksum of the payload; nothing else in it is looked at."""
+    host = payload.cpu()
+    header = FrameHeader(
+        version=FORMAT_VERSION,
+        request_id=request_id,
+        fingerprint="test",
+        layers=(layer, layer + 1),
+        block_ids=(0,),
+        first_block=0,
+        block_size=16,
+        num_kv_heads=2,
+        head_dim=8,
+        dtype="float16",
+        codec="none",
+        scale_layout="",
+        lossless="",
+        raw_len=host.numel(),
+        payload_len=host.numel(),
+        checksum=payload_checksum(host, "xxh3_64"),
+        checksum_alg="xxh3_64",
+    )
+    return Frame(header.encode(), payload)

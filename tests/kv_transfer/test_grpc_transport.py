@@ -11,6 +11,7 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
+from kv_rig import opaque_frame
 
 from kv_transfer.errors import (
     ChecksumMismatchError,
@@ -20,7 +21,7 @@ from kv_transfer.errors import (
     TransferTimeoutError,
     UnauthenticatedError,
 )
-from kv_transfer.frame import MAGIC, PREFIX, FrameHeader, decode_header, payload_checksum, verify_payload
+from kv_transfer.frame import MAGIC, PREFIX, decode_header, verify_payload
 from kv_transfer.stubs import load as load_stubs
 from kv_transfer.transport import Frame
 from kv_transfer.transports.grpc import GrpcConnection, GrpcServer
@@ -30,29 +31,9 @@ WAIT = 10.0  # seconds; generous bound for events that come within milliseconds
 
 
 def make_frame(request_id: str, nbytes: int, seed: int = 0) -> Frame:
-    payload = torch.randint(
-        0, 256, (nbytes,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)
-    )
-    header = FrameHeader(
-        version=1,
-        request_id=request_id,
-        fingerprint="fp",
-        layers=(seed, seed + 1),
-        block_ids=(0, 1),
-        first_block=0,
-        block_size=16,
-        num_kv_heads=2,
-        head_dim=64,
-        dtype="float16",
-        codec="none",
-        scale_layout="",
-        lossless="",
-        raw_len=nbytes,
-        payload_len=nbytes,
-        checksum=payload_checksum(payload, "xxh3_64"),
-        checksum_alg="xxh3_64",
-    )
-    return Frame(header.encode(), payload)
+    generator = torch.Generator().manual_seed(seed)
+    payload = torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=generator)
+    return opaque_frame(request_id, payload, layer=seed)
 
 
 class RecordingSink:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kv_rig import opaque_frame
 
 from kv_transfer.errors import LayoutMismatchError, PeerDisconnectedError, TransferError
-from kv_transfer.frame import FORMAT_VERSION, FrameHeader, decode_header, payload_checksum
+from kv_transfer.frame import decode_header, payload_checksum
 from kv_transfer.transport import Frame
 
 ray = pytest.importorskip("ray")
@@ -16,26 +17,7 @@ from kv_transfer.transports.ray import RayConnection, RayServer  # noqa: E402
 
 def make_frame(request_id: str, index: int, nbytes: int) -> Frame:
     payload = torch.arange(nbytes, dtype=torch.int64).add_(index).to(torch.uint8)
-    header = FrameHeader(
-        version=FORMAT_VERSION,
-        request_id=request_id,
-        fingerprint="test",
-        layers=(index, index + 1),
-        block_ids=(0,),
-        first_block=0,
-        block_size=16,
-        num_kv_heads=2,
-        head_dim=8,
-        dtype="float16",
-        codec="none",
-        scale_layout="",
-        lossless="",
-        raw_len=nbytes,
-        payload_len=nbytes,
-        checksum=payload_checksum(payload, "xxh3_64"),
-        checksum_alg="xxh3_64",
-    )
-    return Frame(header.encode(), payload)
+    return opaque_frame(request_id, payload, layer=index)
 
 
 class RecordingSink:

@@ -10,6 +10,7 @@ import zlib
 
 import pytest
 import torch
+from kv_rig import opaque_frame
 
 from kv_transfer.errors import (
     FrameTooLargeError,
@@ -18,7 +19,7 @@ from kv_transfer.errors import (
     TransferError,
     TransferTimeoutError,
 )
-from kv_transfer.frame import FORMAT_VERSION, FrameHeader, decode_header, payload_checksum
+from kv_transfer.frame import decode_header, payload_checksum
 from kv_transfer.transport import Frame
 from kv_transfer.transports.shm import ShmConnection, ShmServer
 
@@ -27,27 +28,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 
 
 def make_frame(request_id: str, index: int, payload: torch.Tensor) -> Frame:
-    host = payload.cpu()
-    header = FrameHeader(
-        version=FORMAT_VERSION,
-        request_id=request_id,
-        fingerprint="test",
-        layers=(index, index + 1),
-        block_ids=(0,),
-        first_block=0,
-        block_size=16,
-        num_kv_heads=2,
-        head_dim=8,
-        dtype="float16",
-        codec="none",
-        scale_layout="",
-        lossless="",
-        raw_len=host.numel(),
-        payload_len=host.numel(),
-        checksum=payload_checksum(host, "xxh3_64"),
-        checksum_alg="xxh3_64",
-    )
-    return Frame(header.encode(), payload)
+    return opaque_frame(request_id, payload, layer=index)
 
 
 def pattern(request_id: str, index: int, nbytes: int) -> torch.Tensor:
