@@ -13,12 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from engine.errors import PDServeError
+from cluster.protocol import Overloaded
 
-
-class Overloaded(PDServeError, RuntimeError):
-    """No capacity now: the queue is at its bound or no instance can take the request (429 /
-    RESOURCE_EXHAUSTED to the client; retry later)."""
+__all__ = ["DecodeLoad", "Overloaded", "PrefillLoad", "Route", "Router"]
 
 
 @dataclass
