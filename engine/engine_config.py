@@ -30,6 +30,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.90
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
+    max_prefill_chunk: int | None = None  # None: a prompt's chunk is bounded by the step's budget only
     max_model_len: int | None = None  # None = the model's own context
     seed: int = 0  # seeds dummy:<preset> random weights; sampling seeds are per request
     onednn_linear: bool = True  # CPU only: linear layers through oneDNN with packed weights
@@ -73,7 +74,7 @@ class EngineConfig:
 
     @property
     def scheduler(self) -> SchedulerConfig:
-        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens)
+        return SchedulerConfig(self.max_num_seqs, self.max_num_batched_tokens, self.max_prefill_chunk)
 
 
 def _check_device(device: str) -> None:

@@ -18,8 +18,11 @@ from engine.sequence import Sequence, SequenceStatus
 class SchedulerConfig:
     max_num_seqs: int = 64  # sequences running at once
     max_num_batched_tokens: int = 1024  # tokens computed per step (decodes + prefill chunks)
+    max_prefill_chunk: int | None = None  # at most this many of one prompt's tokens per step
 
     def __post_init__(self) -> None:
+        if self.max_prefill_chunk is not None and self.max_prefill_chunk < 1:
+            raise InvalidConfigError(f"max_prefill_chunk must be >= 1, got {self.max_prefill_chunk}")
         if self.max_num_seqs < 1:
             raise InvalidConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
         if self.max_num_batched_tokens < self.max_num_seqs:
@@ -113,6 +116,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        chunk = self.config.max_prefill_chunk or budget
         decodes: list[ScheduledChunk] = []
         prefills: list[ScheduledChunk] = []
         out_of_memory: list[Sequence] = []
@@ -132,15 +136,26 @@ class Scheduler:
                 decodes.append(ScheduledChunk(seq, 1))
                 budget -= 1
 
-        for seq in self.running:  # chunked prefills already admitted
-            n = min(seq.num_uncomputed_tokens, budget)
-            if seq.num_uncomputed_tokens > 1 and n > 0 and self._grow(seq, seq.num_computed_tokens + n):
+        for seq in list(self.running):  # chunked prefills already admitted, oldest first
+            n = min(seq.num_uncomputed_tokens, budget, chunk)
+            if seq not in self.running or seq.num_uncomputed_tokens <= 1 or n <= 0:
+                continue
+            # Like a decode, an older prefill takes blocks from the newest sequences (not from one
+            # scheduled this step); otherwise two half-prefilled prompts could each wait forever for
+            # blocks the other holds.
+            scheduled = {id(c.seq) for c in decodes}
+            while not self._grow(seq, seq.num_computed_tokens + n):
+                victim = self.running[-1]
+                if victim is seq or id(victim) in scheduled:
+                    break
+                self._preempt(victim)
+            if seq.num_computed_tokens + n <= len(seq.block_table) * self.block_size:
                 prefills.append(ScheduledChunk(seq, n))
                 budget -= n
 
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens, budget, chunk)
             if not self._grow(seq, seq.num_computed_tokens + n):
                 break
             self.waiting.popleft()

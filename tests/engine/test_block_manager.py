@@ -76,11 +76,14 @@ def test_blocks_needed():
     budget=st.integers(4, 48),
     prompts=st.lists(st.tuples(st.integers(1, 40), st.integers(1, 12)), min_size=1, max_size=8),
     abort_at=st.lists(st.integers(0, 30), max_size=3),
+    max_chunk=st.one_of(st.none(), st.integers(1, 16)),
 )
-def test_scheduler_finishes_everything_and_leaks_nothing(num_blocks, budget, prompts, abort_at):
+def test_scheduler_finishes_everything_and_leaks_nothing(num_blocks, budget, prompts, abort_at, max_chunk):
     """Drive the scheduler as the engine does (sampling a dummy token) with aborts sprinkled in."""
     sched = Scheduler(
-        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget), num_blocks, block_size=4
+        SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget, max_prefill_chunk=max_chunk),
+        num_blocks,
+        block_size=4,
     )
     seqs = []
     for i, (plen, max_tokens) in enumerate(prompts):
@@ -97,6 +100,7 @@ def test_scheduler_finishes_everything_and_leaks_nothing(num_blocks, budget, pro
                 sched.finish(victim, "abort")
         out = sched.schedule()
         assert sum(c.num_tokens for c in out.chunks) <= budget
+        assert all(c.num_tokens <= (max_chunk or budget) for c in out.chunks)
         for seq in out.out_of_memory:
             sched.finish(seq, "length")
         for chunk in out.chunks:
