@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import threading
+
 import torch
 
 
@@ -37,20 +39,22 @@ class AttentionMetadata:
     on_layer_stored: Callable[[int], None] | None = None
 
 
-_current: AttentionMetadata | None = None
+# Per thread: a worker steps its engine on its own loop thread, beside other threads' engines.
+_local = threading.local()
 
 
 def get_attention_metadata() -> AttentionMetadata:
-    if _current is None:
+    current = getattr(_local, "current", None)
+    if current is None:
         raise RuntimeError("attention layers ran outside of a forward context")
-    return _current
+    return current
 
 
 @contextmanager
 def forward_context(metadata: AttentionMetadata) -> Iterator[None]:
-    global _current
-    previous, _current = _current, metadata
+    previous = getattr(_local, "current", None)
+    _local.current = metadata
     try:
         yield
     finally:
-        _current = previous
+        _local.current = previous

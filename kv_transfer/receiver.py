@@ -161,6 +161,12 @@ class KVReceiver:
             return 0 if t is None else int(t.received.all(dim=1).sum())
 
     @property
+    def num_transfers(self) -> int:
+        """Reservations not yet taken (receiving, or complete and waiting for take)."""
+        with self._lock:
+            return len(self._transfers)
+
+    @property
     def num_reserved_blocks(self) -> int:
         with self._lock:
             return sum(len(t.block_ids) for t in self._transfers.values())

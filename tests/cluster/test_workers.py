@@ -1,0 +1,121 @@
+"""A prefill worker and a decode worker in one process (their own loop threads, KV over shared
+memory), driven the way the controller drives the actors: exact greedy tokens against the offline
+engine, a first token that ends the request, cancellation on both sides, no block left behind."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from cluster.config import config_from_dict
+from cluster.instance import build_decode, build_prefill
+from engine.model_loader import load_model
+from engine.sampling_params import SamplingParams
+from prefill_worker.worker import PrefillRequest
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def pair():
+    config = config_from_dict(
+        {
+            "model": {"name": "smollm2-135m", "dtype": "float32", "device": "cpu"},
+            "prefill": {"max_num_batched_tokens": 256, "chunk_size": 64, "kv_cache_memory": "64MiB"},
+            "decode": {"max_batch": 8, "kv_cache_memory": "64MiB"},
+            "kv_transfer": {"transport": "shm", "layerwise": True},
+        }
+    )
+    # Engines stepping on their own threads need their own model copies.
+    prefill = build_prefill(config, load_model("smollm2-135m", torch.float32, torch.device("cpu")))
+    decode, servers = build_decode(config, load_model("smollm2-135m", torch.float32, torch.device("cpu")))
+    prefill.start()
+    decode.start_loop()
+    yield prefill, decode, ("shm", servers["shm"].address)
+    prefill.stop()
+    decode.stop()
+    for server in servers.values():
+        server.close()
+
+
+class Stream:
+    def __init__(self) -> None:
+        self.tokens: list[int] = []
+        self.text = ""
+        self.reason: str | None = None
+        self.done = threading.Event()
+
+    def __call__(self, chunk) -> None:
+        self.tokens += chunk.token_ids
+        self.text += chunk.text
+        if chunk.finish_reason:
+            self.reason = chunk.finish_reason
+            self.done.set()
+
+
+def run(pair, request_id: str, prompt: list[int], params: SamplingParams) -> tuple[list[int], str, str]:
+    prefill, decode, endpoint = pair
+    decode.reserve(request_id, len(prompt)).result(10)
+    result = prefill.submit(PrefillRequest(request_id, tuple(prompt), params, endpoint)).result(60)
+    if result.finish_reason != "prefilled":
+        decode.abort(request_id).result(10)
+        return [result.first_token], result.text, result.finish_reason
+    stream = Stream()
+    decode.start(request_id, prompt, result.first_token, result.text, params, stream).result(10)
+    assert stream.done.wait(60)
+    return [result.first_token, *stream.tokens], result.text + stream.text, stream.reason
+
+
+def assert_idle(pair) -> None:
+    prefill, decode, _ = pair
+    p_alloc, d_alloc = prefill.allocator, decode.allocator
+    assert prefill.loop.submit(lambda: p_alloc.num_free_blocks).result(10) == p_alloc.num_blocks
+    assert decode.loop.submit(lambda: d_alloc.num_free_blocks).result(10) == d_alloc.num_blocks
+    assert prefill.sender.num_held_blocks == 0 and decode.receiver.num_reserved_blocks == 0
+    assert prefill.load().running == 0 and decode.load().running == 0
+
+
+def test_workers_give_the_offline_engines_greedy_tokens_and_text(pair, embedded_llm):
+    tok = embedded_llm.tokenizer
+    prompts = [tok.encode("The history of the printing press"), tok.encode("Hi") * 40]  # one chunked
+    expected = embedded_llm.generate(prompts, GREEDY, use_tqdm=False)
+    outs = []
+    threads = [
+        threading.Thread(target=lambda i=i, p=p: outs.append((i, run(pair, f"w{i}", p, GREEDY))))
+        for i, p in enumerate(prompts)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, (tokens, text, reason) in sorted(outs):
+        assert tokens == expected[i].token_ids and text == expected[i].text and reason == "length"
+    assert_idle(pair)
+
+
+def test_a_first_token_that_is_the_last_needs_no_decode(pair):
+    tokens, text, reason = run(pair, "one", [1, 504, 3458], SamplingParams(temperature=0.0, max_tokens=1))
+    assert len(tokens) == 1 and reason == "length" and text
+    assert_idle(pair)
+
+
+def test_cancelling_frees_blocks_on_both_sides(pair):
+    prefill, decode, endpoint = pair
+    params = SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+    prompt = [1, 504, 3458, 314]
+    decode.reserve("c", len(prompt)).result(10)
+    result = prefill.submit(PrefillRequest("c", tuple(prompt), params, endpoint)).result(60)
+    stream = Stream()
+    decode.start("c", prompt, result.first_token, result.text, params, stream).result(10)
+    decode.abort("c").result(10)
+    assert stream.done.wait(10) and stream.reason == "abort"
+    # A reservation whose prefill never comes, and a prefill cancelled before it ran.
+    decode.reserve("never", 40).result(10)
+    decode.abort("never").result(10)
+    future = prefill.submit(PrefillRequest("gone", tuple(prompt * 50), params, endpoint))
+    prefill.abort("gone")
+    with pytest.raises(Exception, match="aborted|cancelled"):
+        future.result(30)
+    assert_idle(pair)
