@@ -10,11 +10,10 @@ decode rows (one token each), then the prefill chunks (several tokens each)::
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-
-import threading
 
 import torch
 
