@@ -127,6 +127,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+
+    from cluster.config import load_config
+    from cluster.serve import serve
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # one line per request is too much
+    config = load_config(args.config)
+    asyncio.run(serve(config, grpc_port=args.grpc_port, http_port=args.http_port))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a deployment config file and print it in full")
     check.add_argument("config", help="the YAML file (see configs/)")
     check.set_defaults(func=cmd_check_config)
+    srv = sub.add_parser("serve", help="start the cluster from a config file and serve gRPC and HTTP")
+    srv.add_argument("--config", required=True, help="the deployment YAML (see configs/)")
+    srv.add_argument("--grpc-port", type=int, default=None, help="override server.grpc_port (0: any free)")
+    srv.add_argument("--http-port", type=int, default=None, help="override server.http_port (0: any free)")
+    srv.set_defaults(func=cmd_serve)
     return parser
 
 
