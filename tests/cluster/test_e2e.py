@@ -1,0 +1,248 @@
+"""The whole cluster, end to end, on a local Ray cluster with the embedded model: `ClusterServer`
+(what `pdserve serve` runs) with one prefill and two decode actors, called through real gRPC and
+the official `openai` client. Greedy text equals the offline engine's; concurrent streams finish;
+cancelled streams and killed actors leave no KV block behind; bad and unauthenticated requests are
+refused with the right status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import grpc
+import openai
+import pytest
+import ray
+from prometheus_client.parser import text_string_to_metric_families
+
+from cluster.config import config_from_dict
+from cluster.serve import ClusterServer
+from engine.sampling_params import SamplingParams
+from kv_transfer import transports
+from kv_transfer.errors import UnauthenticatedError
+from kv_transfer.stubs import load as load_stubs
+
+pb, pb_grpc = load_stubs("serving")
+TOKEN = "e2e-secret-token"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+PROMPTS = ["The history of the printing press", "Once upon a time, in a land far away,", "def fib(n):"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    config = config_from_dict(
+        {
+            "model": {"name": "smollm2-135m", "dtype": "float32", "device": "cpu"},
+            "prefill": {"instances": 1, "cpus": 0.5, "kv_cache_memory": "64MiB", "chunk_size": 256},
+            "decode": {"instances": 2, "cpus": 0.5, "max_batch": 16, "kv_cache_memory": "64MiB"},
+            "kv_transfer": {"transport": "auto", "layerwise": True},
+            "server": {"grpc_port": 0, "http_port": 0, "auth_token": TOKEN, "max_tokens_limit": 512},
+        }
+    )
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = ClusterServer(config)
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(600)
+        yield server
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(drain_timeout=10), loop).result(120)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def stub(cluster):
+    channel = grpc.insecure_channel(cluster.endpoints["grpc"])
+    yield pb_grpc.PDServeStub(channel)
+    channel.close()
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    return openai.OpenAI(
+        base_url=cluster.endpoints["http"] + "/v1", api_key=TOKEN, max_retries=0, timeout=120
+    )
+
+
+def grpc_generate(stub, prompt: str, max_tokens: int, metadata=AUTH) -> tuple[list[int], str, object]:
+    sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    ids, text, final = [], "", None
+    for response in stub.Generate(
+        pb.GenerateRequest(prompt=prompt, sampling=sampling), metadata=metadata, timeout=300
+    ):
+        if response.HasField("delta"):
+            ids += response.delta.token_ids
+            text += response.delta.text
+        else:
+            final = response.final
+    return ids, text, final
+
+
+def blocks_used(cluster) -> dict[str, float]:
+    body = urllib.request.urlopen(cluster.endpoints["http"] + "/metrics", timeout=30).read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    return {s.labels["instance"]: s.value for s in families["pdserve_kv_blocks_used"].samples}
+
+
+def wait_idle(cluster, timeout: float = 60.0) -> dict[str, float]:
+    deadline = time.monotonic() + timeout
+    used = blocks_used(cluster)
+    while any(used.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+        used = blocks_used(cluster)
+    return used
+
+
+def test_grpc_gives_the_offline_engines_greedy_tokens(cluster, stub, embedded_llm):
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    expected = embedded_llm.generate(PROMPTS, params, use_tqdm=False)
+    for prompt, want in zip(PROMPTS, expected, strict=True):
+        ids, text, final = grpc_generate(stub, prompt, 24)
+        assert ids == want.token_ids and text == want.text
+        assert final.finish_reason == "length" and final.usage.completion_tokens == 24
+        assert 0 < final.timings.ttft <= final.timings.e2e and final.timings.tpot > 0
+
+
+def test_openai_client_gets_the_offline_chat_answer(client, embedded_llm):
+    want = embedded_llm.chat(QUESTION, SamplingParams(temperature=0.0, max_tokens=32))[0]
+    reply = client.chat.completions.create(
+        model="smollm2-135m", messages=QUESTION, max_tokens=32, temperature=0
+    )
+    assert reply.choices[0].message.content == want.text == "The capital of France is Paris."
+    stream = client.chat.completions.create(
+        model="smollm2-135m", messages=QUESTION, max_tokens=32, temperature=0, stream=True
+    )
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want.text
+    completion = client.completions.create(
+        model="smollm2-135m", prompt=PROMPTS[0], max_tokens=8, temperature=0
+    )
+    offline = embedded_llm.generate([PROMPTS[0]], SamplingParams(temperature=0.0, max_tokens=8))[0]
+    assert completion.choices[0].text == offline.text
+    assert [m.id for m in client.models.list().data] == ["smollm2-135m"]
+
+
+def test_sixteen_concurrent_streams_all_complete(cluster, stub, embedded_llm):
+    prompts = [f"{PROMPTS[i % 3]} {i}" for i in range(16)]
+    expected = embedded_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True))
+    results: dict[int, tuple] = {}
+    threads = [
+        threading.Thread(target=lambda i=i: results.__setitem__(i, grpc_generate(stub, prompts[i], 16)))
+        for i in range(16)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert sorted(results) == list(range(16))
+    for i, (ids, _, final) in results.items():
+        assert ids == expected[i].token_ids and final.finish_reason == "length"
+    assert not any(wait_idle(cluster).values())
+
+
+def test_a_cancelled_stream_frees_its_blocks_on_both_sides(cluster, stub):
+    sampling = pb.SamplingParams(max_tokens=400, temperature=0.0, ignore_eos=True)
+    call = stub.Generate(pb.GenerateRequest(prompt=PROMPTS[1] * 8, sampling=sampling), metadata=AUTH)
+    received = [next(call) for _ in range(3)]
+    assert all(r.HasField("delta") for r in received)
+    assert any(blocks_used(cluster).values())  # it holds KV while it decodes
+    call.cancel()
+    assert not any(wait_idle(cluster).values())
+
+
+def test_metrics_parse_and_count_requests(cluster, stub):
+    grpc_generate(stub, PROMPTS[2], 4)
+    body = urllib.request.urlopen(cluster.endpoints["http"] + "/metrics", timeout=30).read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(body)}
+    for name in (
+        "pdserve_time_to_first_token_seconds",
+        "pdserve_time_per_output_token_seconds",
+        "pdserve_queue_time_seconds",
+        "pdserve_kv_transfer_seconds",
+        "pdserve_e2e_request_latency_seconds",
+    ):
+        count = next(s.value for s in families[name].samples if s.name == name + "_count")
+        assert count >= 1, name
+    assert {"pdserve_requests_running", "pdserve_requests_waiting", "pdserve_kv_blocks_used"} <= set(families)
+    assert set(blocks_used(cluster)) == {"prefill-0", "decode-0", "decode-1"}
+
+
+def test_bad_and_unauthenticated_requests_are_refused(cluster, stub, client):
+    with pytest.raises(grpc.RpcError) as info:
+        grpc_generate(stub, "", 4)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "empty" in info.value.details()
+    with pytest.raises(grpc.RpcError) as info:
+        grpc_generate(stub, "hello", 4, metadata=())
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        client.completions.create(model="smollm2-135m", prompt="hi", max_tokens=4, temperature=-1)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="hi", max_tokens=4)
+    request = urllib.request.Request(
+        cluster.endpoints["http"] + "/v1/completions",
+        data=b"{not json",
+        headers={"Authorization": f"Bearer {TOKEN}"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as http_info:
+        urllib.request.urlopen(request, timeout=30)
+    assert http_info.value.code == 400 and "JSON" in json.loads(http_info.value.read())["error"]["message"]
+    no_token = openai.OpenAI(base_url=cluster.endpoints["http"] + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        no_token.models.list()
+
+
+def test_the_kv_service_refuses_peers_without_the_secret(cluster):
+    decode = next(i for i in cluster.controller.instances.values() if i.role == "decode")
+    address = dict(decode.info.endpoints)["grpc"]
+    with pytest.raises(UnauthenticatedError, match="token"):
+        transports.connect("grpc", address, token="not-the-secret")
+
+
+def test_killing_a_decode_actor_mid_stream_loses_no_request(cluster, stub, embedded_llm):
+    prompts = [f"{PROMPTS[i % 3]} (take {i})" for i in range(4)]
+    n = 48
+    expected = embedded_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+    results: dict[int, object] = {}
+    started = threading.Barrier(len(prompts) + 1)
+
+    def run(i: int) -> None:
+        sampling = pb.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+        call = stub.Generate(
+            pb.GenerateRequest(prompt=prompts[i], sampling=sampling), metadata=AUTH, timeout=300
+        )
+        ids = list(next(call).delta.token_ids)
+        started.wait()
+        try:
+            for response in call:
+                ids += response.delta.token_ids if response.HasField("delta") else []
+            results[i] = ids
+        except grpc.RpcError as exc:  # a clean failure is allowed; a hang is not
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    started.wait(120)
+    victim = cluster.controller.instances["decode-0"]
+    ray.kill(victim.handle, no_restart=False)  # Ray restarts it; its streams move to decode-1
+    for t in threads:
+        t.join(300)
+    assert sorted(results) == list(range(len(prompts)))
+    for i, outcome in results.items():
+        if isinstance(outcome, grpc.RpcError):
+            assert outcome.code() == grpc.StatusCode.UNAVAILABLE
+        else:  # replayed on another instance: one continuous, exact stream
+            assert outcome == expected[i].token_ids
+    assert sum(isinstance(o, list) for o in results.values()) >= 1
+    assert cluster.metrics.retries._value.get() >= 1  # some streams really were on the killed actor
+    deadline = time.monotonic() + 120
+    while not victim.healthy and time.monotonic() < deadline:  # the pool recovers
+        time.sleep(0.5)
+    assert victim.healthy
+    assert not any(wait_idle(cluster).values())
