@@ -119,10 +119,10 @@ async def serve(config: ClusterConfig, grpc_port: int | None = None, http_port: 
     server = ClusterServer(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await server.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+            loop.add_signal_handler(sig, stop.set)
         print(usage(server), flush=True)
         await stop.wait()
         print("pdserve: draining and stopping ...", flush=True)
