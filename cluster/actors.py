@@ -125,6 +125,13 @@ class DecodeInstance:
     async def abort(self, request_id: str) -> None:
         await asyncio.wrap_future(self.worker.abort(request_id))
 
+    async def step_times(self, clear: bool = False) -> list[float]:
+        """Seconds of the engine's recent steps, measured inside the worker (for benchmarks)."""
+        times = list(self.worker.loop.step_times)
+        if clear:
+            self.worker.loop.step_times.clear()
+        return times
+
     async def load(self) -> InstanceLoad:
         allocator = self.worker.allocator
         used = allocator.num_blocks - allocator.num_free_blocks

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -41,6 +43,7 @@ class EngineLoop:
         self.housekeeping = housekeeping
         self.idle_tick = idle_tick
         self.num_steps = 0
+        self.step_times: deque[float] = deque(maxlen=4096)  # seconds of recent steps, for benchmarks
         self._inbox: list[tuple[Callable[[], Any], Future]] = []
         self._wake = threading.Condition()
         self._stopping = False
@@ -92,7 +95,9 @@ class EngineLoop:
             if self.engine.has_unfinished_requests():
                 # A failing step is a bug, not bad input (that fails one request inside the
                 # engine): it ends the loop, the worker reports itself dead and is restarted.
+                began = time.perf_counter()
                 outputs = self.engine.step(self.layer_hook)
+                self.step_times.append(time.perf_counter() - began)
                 self.num_steps += 1
                 if outputs:
                     self._guarded(self.on_outputs, outputs)
