@@ -35,6 +35,7 @@ class ClusterServer:
         self.grpc: GrpcServer | None = None
         self.http: HttpServer | None = None
         self._started_ray = False
+        self._health: asyncio.Task | None = None
 
     async def start(self) -> None:
         config = self.config
@@ -62,6 +63,18 @@ class ClusterServer:
         )
         await self.grpc.start()
         await self.http.start()
+        self._health = asyncio.create_task(self._follow_health(), name="grpc-health")
+
+    async def _follow_health(self) -> None:
+        """gRPC health says SERVING only while the controller can route (both pools have a live
+        instance, not draining); HTTP /health asks the controller directly."""
+        serving = None
+        while True:
+            healthy = self.controller.is_healthy()
+            if healthy != serving:
+                self.grpc.set_serving(healthy)
+                serving = healthy
+            await asyncio.sleep(0.5)
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -69,6 +82,8 @@ class ClusterServer:
         return {"grpc": f"{host}:{self.grpc.port}", "http": f"http://{host}:{self.http.port}"}
 
     async def stop(self, drain_timeout: float = 30.0) -> None:
+        if self._health is not None:
+            self._health.cancel()
         if self.grpc is not None:
             self.grpc.set_serving(False)
         if self.controller is not None:

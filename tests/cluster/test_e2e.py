@@ -156,6 +156,20 @@ def test_a_cancelled_stream_frees_its_blocks_on_both_sides(cluster, stub):
     assert not any(wait_idle(cluster).values())
 
 
+def test_health_follows_the_pools(cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(cluster.endpoints["grpc"]) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        deadline = time.monotonic() + 10
+        status = check(health_pb2.HealthCheckRequest(service="pdserve.v1.PDServe")).status
+        while status != health_pb2.HealthCheckResponse.SERVING and time.monotonic() < deadline:
+            time.sleep(0.2)
+            status = check(health_pb2.HealthCheckRequest(service="pdserve.v1.PDServe")).status
+        assert status == health_pb2.HealthCheckResponse.SERVING
+    assert urllib.request.urlopen(cluster.endpoints["http"] + "/health", timeout=30).status == 200
+
+
 def test_metrics_parse_and_count_requests(cluster, stub):
     grpc_generate(stub, PROMPTS[2], 4)
     body = urllib.request.urlopen(cluster.endpoints["http"] + "/metrics", timeout=30).read().decode()
