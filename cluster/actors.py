@@ -19,18 +19,17 @@ import torch
 from cluster.config import ClusterConfig
 from cluster.instance import build_decode, build_prefill
 from cluster.router import DecodeLoad, PrefillLoad
+from decode_worker.worker import DecodeWorker
 from engine.sampling_params import SamplingParams
-from prefill_worker.worker import PrefillRequest, PrefillResult
+from prefill_worker.worker import PrefillRequest, PrefillResult, PrefillWorker
 
 
 @dataclass(frozen=True)
 class InstanceInfo:
-    name: str
-    role: str  # prefill | decode
+    """Where an instance runs; it changes when Ray restarts the actor."""
+
     node_id: str
     endpoints: tuple[tuple[str, str], ...] = ()  # decode: (transport kind, address) it listens on
-    num_blocks: int = 0
-    block_size: int = 16
 
 
 @dataclass(frozen=True)
@@ -44,6 +43,16 @@ def _limit_threads(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
 
 
+def _node_id() -> str:
+    return ray.get_runtime_context().get_node_id()
+
+
+def _load(worker: PrefillWorker | DecodeWorker) -> InstanceLoad:
+    allocator = worker.allocator
+    used = allocator.num_blocks - allocator.num_free_blocks
+    return InstanceLoad(worker.load(), used, allocator.num_blocks)
+
+
 class PrefillInstance:
     def __init__(self, config: ClusterConfig, name: str) -> None:
         _limit_threads(config.prefill.cpus)
@@ -52,11 +61,7 @@ class PrefillInstance:
         self.worker.start()
 
     async def info(self) -> InstanceInfo:
-        allocator = self.worker.allocator
-        node = ray.get_runtime_context().get_node_id()
-        return InstanceInfo(
-            self.name, "prefill", node, (), allocator.num_blocks, self.worker.sender.layout.block_size
-        )
+        return InstanceInfo(_node_id())
 
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
         return await asyncio.wrap_future(self.worker.submit(request))
@@ -65,9 +70,7 @@ class PrefillInstance:
         self.worker.abort(request_id)
 
     async def load(self) -> InstanceLoad:
-        allocator = self.worker.allocator
-        used = allocator.num_blocks - allocator.num_free_blocks
-        return InstanceLoad(self.worker.load(), used, allocator.num_blocks)
+        return _load(self.worker)
 
 
 class DecodeInstance:
@@ -79,11 +82,8 @@ class DecodeInstance:
         self.worker.start_loop()
 
     async def info(self) -> InstanceInfo:
-        allocator = self.worker.allocator
-        node = ray.get_runtime_context().get_node_id()
-        endpoints = tuple((kind, server.address) for kind, server in self.servers.items())
         return InstanceInfo(
-            self.name, "decode", node, endpoints, allocator.num_blocks, self.worker.load().block_size
+            _node_id(), tuple((kind, server.address) for kind, server in self.servers.items())
         )
 
     async def reserve(self, request_id: str, num_prompt_tokens: int) -> None:
@@ -133,9 +133,7 @@ class DecodeInstance:
         return times
 
     async def load(self) -> InstanceLoad:
-        allocator = self.worker.allocator
-        used = allocator.num_blocks - allocator.num_free_blocks
-        return InstanceLoad(self.worker.load(), used, allocator.num_blocks)
+        return _load(self.worker)
 
 
 PrefillActor = ray.remote(PrefillInstance)

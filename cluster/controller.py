@@ -164,10 +164,10 @@ class Controller:
     ) -> tuple[Instance, Instance]:
         if self._draining:
             raise Unavailable("the server is shutting down")
-        if self._num_queued + self.router.waiting >= self.config.server.max_queue:
+        waiting = self._num_queued + self.router.waiting
+        if waiting >= self.config.server.max_queue:
             raise Overloaded(
-                f"{self._num_queued + self.router.waiting} requests are waiting "
-                f"(the bound is {self.config.server.max_queue}); retry later"
+                f"{waiting} requests are waiting (the bound is {self.config.server.max_queue}); retry later"
             )
         self._num_queued += 1
         unavailable_since = None
@@ -322,4 +322,3 @@ async def _alive(instance: Instance) -> bool:
         return True
     except (RayActorError, asyncio.TimeoutError):
         return False
-

@@ -6,6 +6,7 @@ node, else a new local one."""
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 import ray
@@ -36,10 +37,9 @@ def connect_ray(config: ClusterConfig) -> bool:
         pass
     pools = (config.prefill, config.decode)
     need = sum(p.instances * p.cpus for p in pools)
-    gpus = config.num_gpus
     ray.init(
-        num_cpus=max(os.cpu_count() or 1, int(-(-need // 1))),
-        num_gpus=gpus or None,
+        num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
+        num_gpus=config.num_gpus or None,
         include_dashboard=False,
         **options,
     )

@@ -32,27 +32,22 @@ SERVED_KINDS = {
 
 def engine_config(config: ClusterConfig, role: str) -> EngineConfig:
     m = config.model
+    model = {"model": m.name, "dtype": m.dtype, "device": m.device, "max_model_len": m.max_model_len}
     if role == "prefill":
         p = config.prefill
         return EngineConfig(
-            model=m.name,
-            dtype=m.dtype,
-            device=m.device,
+            **model,
             kv_cache_memory=p.kv_cache_memory,
             max_num_batched_tokens=p.max_num_batched_tokens,
             max_prefill_chunk=p.chunk_size,
             max_num_seqs=min(256, p.max_num_batched_tokens),
-            max_model_len=m.max_model_len,
         )
     d = config.decode
     return EngineConfig(
-        model=m.name,
-        dtype=m.dtype,
-        device=m.device,
+        **model,
         kv_cache_memory=d.kv_cache_memory,
         max_num_seqs=d.max_batch,
         max_num_batched_tokens=max(d.max_batch, 256),
-        max_model_len=m.max_model_len,
     )
 
 
@@ -104,4 +99,4 @@ def build_decode(
     for kind in SERVED_KINDS[kv.transport]:
         options = {"host": host, "token": config.server.auth_token} if kind == "grpc" else {}
         servers[kind] = transports.serve(kind, receiver, **options)
-    return DecodeWorker(engine, receiver, config.decode.max_batch), servers
+    return DecodeWorker(engine, receiver), servers

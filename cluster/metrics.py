@@ -79,12 +79,5 @@ class Metrics:
         self.kv_blocks_used.labels(instance, role).set(used)
         self.kv_blocks_total.labels(instance, role).set(total)
 
-    def forget_instance(self, instance: str, role: str) -> None:
-        for gauge in (self.kv_blocks_used, self.kv_blocks_total):
-            try:
-                gauge.remove(instance, role)
-            except KeyError:
-                pass
-
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -82,9 +82,6 @@ class ModelCard:
     dtype: str
 
 
-PromptInput = str | Sequence[int] | Sequence[dict[str, Any]]
-
-
 class Backend(Protocol):
     """What a front end needs from the cluster (the Controller implements it)."""
 

@@ -48,13 +48,12 @@ class _Stream:
 
 
 class DecodeWorker:
-    def __init__(self, engine: LLMEngine, receiver: KVReceiver, max_batch: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, receiver: KVReceiver) -> None:
         if engine.role != "decode":
             raise ValueError(f"a DecodeWorker needs an engine in the decode role, got {engine.role!r}")
         self.engine = engine
         self.receiver = receiver
         self.allocator = engine.scheduler.allocator
-        self.max_batch = max_batch or engine.scheduler.config.max_num_seqs
         self._streams: dict[str, _Stream] = {}
         self.loop = EngineLoop(
             engine, self._on_outputs, housekeeping=self.receiver.expire, name="decode-loop"
@@ -109,7 +108,7 @@ class DecodeWorker:
             free_blocks=self.allocator.num_free_blocks,
             block_size=self.receiver.layout.block_size,
             running=len(self._streams) + self.receiver.num_transfers,
-            max_batch=self.max_batch,
+            max_batch=self.engine.scheduler.config.max_num_seqs,
             healthy=self.loop.is_alive,
         )
 
