@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from engine.block_manager import blocks_needed
+from engine.cpu_allocator import keep_freed_memory
 from engine.cpu_linear import pack_linears
 from engine.forward_context import AttentionMetadata, PrefillSegment, forward_context
 from engine.kv_cache import CacheConfig, allocate_kv_cache
@@ -37,8 +38,10 @@ class ModelRunner:
         sample_vocab_size: int | None = None,
     ) -> None:
         """`sample_vocab_size` limits sampling to the first ids (those the tokenizer can spell)."""
-        if device.type == "cpu" and onednn_linear:
-            pack_linears(model)  # no-op when already packed or unavailable
+        if device.type == "cpu":
+            keep_freed_memory()  # a step's temporaries stay mapped between steps
+            if onednn_linear:
+                pack_linears(model)  # no-op when already packed or unavailable
         self.model = model
         self.config = model.config
         self.device = device
