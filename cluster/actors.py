@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import sys
 from dataclasses import dataclass
 
 import ray
@@ -41,8 +42,17 @@ class InstanceLoad:
     blocks_total: int
 
 
-def _limit_threads(cpus: float) -> None:
+# A worker steps its engine on one thread beside the KV transport's and Ray's threads. With
+# CPython's default 5 ms switch interval, a thread that needs the GIL while the engine thread
+# computes (a KV frame to decode, a step's chunks to emit) waits up to 5 ms per hand-off, and the
+# engine thread as long again for its own turn after each torch call. On the local cluster at
+# 0.9 req/s (chatbot x0.5), 0.5 ms brought decode TPOT p50 from 59 to 37 ms.
+GIL_SWITCH_INTERVAL_S = 0.0005
+
+
+def _setup_process(cpus: float) -> None:
     torch.set_num_threads(max(1, int(cpus)))
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
 def _node_id() -> str:
@@ -57,7 +67,7 @@ def _load(worker: PrefillWorker | DecodeWorker) -> InstanceLoad:
 
 class PrefillInstance:
     def __init__(self, config: ClusterConfig, name: str) -> None:
-        _limit_threads(config.prefill.cpus)
+        _setup_process(config.prefill.cpus)
         self.name = name
         self.worker = build_prefill(config)
         self.worker.start()
@@ -77,7 +87,7 @@ class PrefillInstance:
 
 class DecodeInstance:
     def __init__(self, config: ClusterConfig, name: str) -> None:
-        _limit_threads(config.decode.cpus)
+        _setup_process(config.decode.cpus)
         self.name = name
         self._outbox: collections.deque[list[DecodeChunk]] = collections.deque()
         self._ready: asyncio.Event | None = None

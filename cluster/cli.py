@@ -184,6 +184,98 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Drive a running cluster at one or more rates (or search its goodput) and report attainment."""
+    import dataclasses
+    import time
+
+    from cluster.bench import LoadSpec, Traffic, run_load
+    from cluster.bench_report import BenchReport, RateResult, attainment
+    from cluster.config import load_config
+    from placement import plan as planning
+    from placement.errors import PlacementError
+    from placement.goodput import bisect_goodput
+    from placement.profiler import Profile
+    from placement.simulator import SLO
+
+    config = load_config(args.config)
+    if args.profile is not None:
+        config = dataclasses.replace(
+            config, placement=dataclasses.replace(config.placement, profile=args.profile)
+        )
+    served = planning.resolve(config) if args.predict else config
+    model = planning.model_config(config)
+    traffic = Traffic(
+        args.workload or config.placement.trace or config.placement.workload,
+        num_requests=args.num_requests,
+        duration=args.duration,
+        length_scale=args.length_scale,
+        seed=args.seed,
+        max_total_len=min(config.model.max_model_len or model.max_model_len, model.max_model_len),
+    )
+    slo = SLO(config.slo.ttft_ms / 1e3, config.slo.tpot_ms / 1e3, config.slo.attainment)
+    target = args.target or f"{config.server.host}:{config.server.grpc_port}"
+    spec = LoadSpec(target, config.server.auth_token, seed=args.seed, timeout=config.server.request_timeout_s)
+    report = BenchReport(str(args.config), target, traffic.describe(), slo)
+
+    profile = None
+    if args.calibrate:
+        if not args.predict or served.placement.profile is None:
+            raise PlacementError("--calibrate needs --predict and a profile (--profile or placement.profile)")
+        profile = Profile.load(served.placement.profile)
+
+    def run(rate: float) -> RateResult:
+        nonlocal profile
+        requests = traffic.at(rate)
+        print(f"bench: {len(requests)} requests at {rate:.3g} req/s ({traffic.describe()})", file=sys.stderr)
+        start = time.perf_counter()
+        measured = run_load(requests, spec)
+        result = RateResult(rate, measured, time.perf_counter() - start)
+        if args.predict:
+            result.predicted = planning.predict(served, requests, profile).requests
+            if args.calibrate and report.calibration is None:  # the first run calibrates the rest
+                factors = planning.calibrate(profile, measured, result.predicted)
+                report.calibration = {"rate": rate, "prefill": factors[0], "decode": factors[1]}
+                f_prefill, f_decode = factors
+                print(
+                    f"bench: calibrated at {rate:.3g} req/s: prefill x{f_prefill:.2f}, decode x{f_decode:.2f}"
+                )
+                profile = profile.scaled(*factors)
+                result.predicted = planning.predict(served, requests, profile).requests
+        report.runs.append(result)
+        s = result.summary(slo)
+        predicted = f", simulated {s['predicted_attainment']:.1%}" if args.predict else ""
+        print(
+            f"bench: {rate:.3g} req/s: attainment {s['attainment']:.1%}{predicted}; TTFT p90 "
+            f"{s['ttft_p90_ms']:.0f} ms, TPOT p90 {s['tpot_p90_ms']:.0f} ms, {s['failed']} failed",
+            file=sys.stderr,
+        )
+        return result
+
+    if args.goodput:
+        meets = lambda rate: attainment(run(rate).measured, slo) >= slo.attainment  # noqa: E731
+        report.goodput = bisect_goodput(meets, args.rate[0] if args.rate else 1.0, args.steps)
+    else:
+        for rate in sorted(args.rate or [1.0]):
+            run(rate)
+    print(report.markdown())
+    for path in report.write(args.out, plots=not args.no_plots):
+        print(f"written: {path}", file=sys.stderr)
+    return 0
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"rates are numbers in req/s separated by commas, got {text!r}"
+        ) from None
+    if not rates or any(not r > 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"rates must be positive req/s, got {text!r}")
+    return rates
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -214,6 +306,45 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--hardware", default=None, help="the name it is for (default: placement.gpu)")
     prof.add_argument("--repeats", type=int, default=3, help="timings per shape (the median is kept)")
     prof.set_defaults(func=cmd_profile)
+    bench = sub.add_parser(
+        "bench", help="drive a running cluster with a workload; SLO attainment and goodput"
+    )
+    bench.add_argument("--config", required=True, help="the deployment YAML (SLOs, server address, workload)")
+    bench.add_argument(
+        "--target", default=None, help="host:port of its gRPC endpoint (default: the config's)"
+    )
+    bench.add_argument(
+        "--workload", default=None, help="a preset (chatbot, code, summarization) or a trace file"
+    )
+    bench.add_argument(
+        "--rate",
+        "--rates",
+        type=_rates,
+        default=None,
+        help="req/s, or several separated by commas (default: 1)",
+    )
+    bench.add_argument(
+        "--goodput", action="store_true", help="bisect over rate for the goodput (from --rate)"
+    )
+    bench.add_argument("--steps", type=int, default=3, help="bisection steps of --goodput (default: 3)")
+    bench.add_argument("--num-requests", type=int, default=200, help="requests per rate (default: 200)")
+    bench.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate at most")
+    bench.add_argument("--length-scale", type=float, default=1.0, help="input and output lengths times this")
+    bench.add_argument("--seed", type=int, default=0, help="arrivals, lengths and prompt tokens")
+    bench.add_argument(
+        "--predict", action="store_true", help="also simulate the same requests (placement model)"
+    )
+    bench.add_argument(
+        "--profile", default=None, help="the profile --predict uses (default: placement.profile)"
+    )
+    bench.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="scale the profile to the serving path from the first (lowest) rate's run, then predict",
+    )
+    bench.add_argument("--out", default="bench-results", help="folder for results.json, summary.md and plots")
+    bench.add_argument("--no-plots", action="store_true", help="skip the PNG plots (no matplotlib needed)")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -285,6 +285,7 @@ class Controller:
                 self._mark_dead(prefill if not await _alive(prefill) else decode)
                 raise
             marks.setdefault("queue_s", result.queue_s)
+            marks["prefill_s"] = marks.get("prefill_s", 0.0) + result.prefill_s
             marks.setdefault("first_token", time.monotonic())
             marks["transfer_s"] = marks.get("transfer_s", 0.0) + result.transfer_s
             streamed.append(result.first_token)
@@ -339,7 +340,14 @@ class Controller:
         last = marks.get("last_token", first)
         tpot = (last - first) / (num_streamed - 1) if num_streamed > 1 else 0.0
         queued = marks.get("prefill_sent", arrival) - arrival + marks.get("queue_s", 0.0)
-        timings = Timings(queued, first - arrival, marks.get("transfer_s", 0.0), tpot, now - arrival)
+        timings = Timings(
+            queued,
+            first - arrival,
+            marks.get("transfer_s", 0.0),
+            marks.get("prefill_s", 0.0),
+            tpot,
+            now - arrival,
+        )
         return replace(
             final,
             request_id=request_id,

@@ -61,6 +61,7 @@ class Timings:
     queued: float = 0.0  # until its prefill started
     ttft: float = 0.0  # until the first token
     transfer: float = 0.0  # moving its KV from prefill to decode
+    prefill: float = 0.0  # its prompt's forward passes on the prefill instance
     tpot: float = 0.0  # mean time per output token after the first
     e2e: float = 0.0  # until the final event
 

@@ -28,10 +28,15 @@ class PagedAttention(nn.Module):
             meta.on_layer_stored(self.layer_idx)
         out = torch.empty_like(q)
         nd = meta.num_decodes
-        if nd:
-            out[:nd] = decode_attention(
-                q[:nd], self.k_cache, self.v_cache, meta.decode_block_tables, meta.decode_valid, self.scale
+        for group in meta.decode_groups:
+            rows = q[:nd] if group.rows is None else q.index_select(0, group.rows)
+            res = decode_attention(
+                rows, self.k_cache, self.v_cache, group.block_tables, group.valid, self.scale
             )
+            if group.rows is None:
+                out[:nd] = res
+            else:
+                out.index_copy_(0, group.rows, res)
         for seg in meta.prefills:
             if seg.context_blocks is None:
                 ks, vs = k[seg.start : seg.end], v[seg.start : seg.end]

@@ -27,11 +27,20 @@ class PrefillSegment:
 
 
 @dataclass(frozen=True)
+class DecodeGroup:
+    """Decode rows of similar context length, attended together with their block tables padded to
+    the longest of them (so a step's padding is bounded by the group, not the whole batch)."""
+
+    rows: torch.Tensor | None  # [n] int64 rows of the flat batch; None: rows [0, num_decodes) in order
+    block_tables: torch.Tensor  # [n, nb] padded block tables
+    valid: torch.Tensor  # [n, nb * block_size] bool: real context positions
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64
     num_decodes: int  # rows [0, num_decodes) are decode tokens
-    decode_block_tables: torch.Tensor | None  # [num_decodes, nb] padded block tables of the decode rows
-    decode_valid: torch.Tensor | None  # [num_decodes, nb * block_size] bool: real context positions
+    decode_groups: tuple[DecodeGroup, ...]  # a partition of the decode rows
     prefills: tuple[PrefillSegment, ...]
     # Called with the layer index once that layer's new K/V are in the cache (before it attends):
     # a prefill worker streams each finished layer to decode while later layers compute.

@@ -212,6 +212,10 @@ class LLMEngine:
     def step(self, layer_hook: LayerHook | None = None) -> list[RequestOutput]:
         """Run one batch; return an output for every request that produced a token or finished."""
         plan = self.scheduler.schedule()
+        now = time.monotonic()
+        for chunk in plan.chunks:
+            if chunk.seq.first_scheduled_time is None:
+                chunk.seq.first_scheduled_time = now  # its queueing ends as its first step starts
         for seq in plan.out_of_memory:
             self._finish(seq, "length")
         on_layer_stored = None
@@ -232,8 +236,6 @@ class LLMEngine:
         i = 0
         for chunk in chunks:
             seq = chunk.seq
-            if seq.first_scheduled_time is None:
-                seq.first_scheduled_time = now
             samples = chunk.samples
             seq.num_computed_tokens += chunk.num_tokens
             if not samples:

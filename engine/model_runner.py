@@ -12,12 +12,12 @@ import torch
 from engine.block_manager import blocks_needed
 from engine.cpu_allocator import keep_freed_memory
 from engine.cpu_linear import pack_linears
-from engine.forward_context import AttentionMetadata, PrefillSegment, forward_context
+from engine.forward_context import AttentionMetadata, DecodeGroup, PrefillSegment, forward_context
 from engine.kv_cache import CacheConfig, allocate_kv_cache
 from engine.models.llama import LlamaForCausalLM
 from engine.sampler import Sampler, SamplerOutput
 from engine.scheduler import ScheduledChunk
-from kernels.paged_attention import context_mask
+from kernels.paged_attention import context_mask, group_by_length
 
 
 @dataclass(frozen=True)
@@ -96,18 +96,10 @@ class ModelRunner:
                 prefills.append(PrefillSegment(row, row + chunk.num_tokens, start, blocks))
             if chunk.samples:
                 sample_rows.append(len(ids) - 1)
-        tables = valid = None
-        if decode_tables:
-            width = max(blocks_needed(n, self.block_size) for n in decode_lens)
-            padded = [t[:width] + [0] * (width - min(len(t), width)) for t in decode_tables]
-            tables = torch.tensor(padded, dtype=torch.long, device=dev)
-            lens = torch.tensor(decode_lens, dtype=torch.long, device=dev)
-            valid = context_mask(lens, width * self.block_size)
         metadata = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
             num_decodes=len(decode_tables),
-            decode_block_tables=tables,
-            decode_valid=valid,
+            decode_groups=self._decode_groups(decode_tables, decode_lens),
             prefills=tuple(prefills),
         )
         return StepInputs(
@@ -116,6 +108,26 @@ class ModelRunner:
             metadata=metadata,
             sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
         )
+
+    def _decode_groups(self, tables: list[list[int]], lens: list[int]) -> tuple[DecodeGroup, ...]:
+        if not tables:
+            return ()
+        dev, bs = self.device, self.block_size
+        widths = [blocks_needed(n, bs) for n in lens]
+        groups = []
+        for rows in group_by_length([w * bs for w in widths]):
+            width = max(widths[r] for r in rows)
+            padded = [tables[r][:width] + [0] * (width - min(len(tables[r]), width)) for r in rows]
+            lens_t = torch.tensor([lens[r] for r in rows], dtype=torch.long, device=dev)
+            in_order = len(rows) == len(tables) and rows == sorted(rows)
+            groups.append(
+                DecodeGroup(
+                    rows=None if in_order else torch.tensor(rows, dtype=torch.long, device=dev),
+                    block_tables=torch.tensor(padded, dtype=torch.long, device=dev),
+                    valid=context_mask(lens_t, width * bs),
+                )
+            )
+        return tuple(groups)
 
     @torch.inference_mode()
     def compute_logits(

@@ -14,9 +14,11 @@ Plan file (YAML): the inputs it was made for and the chosen pools,
 from __future__ import annotations
 
 import dataclasses
+import math
+import statistics
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -27,12 +29,16 @@ from engine.model_loader import resolve_checkpoint
 from engine.scheduler import SchedulerConfig
 from placement.errors import PlacementError
 from placement.hardware import ClusterSpec, gpu_spec
-from placement.planner import Candidate, Planner, SearchResult, SearchSpace
+from placement.planner import Candidate, Parallelism, Planner, PoolPlan, SearchResult, SearchSpace
 from placement.profiler import Profile
-from placement.simulator import SLO
-from placement.workload import at_rate, load_trace, poisson_requests, workload_preset
+from placement.simulator import SLO, RequestResult, SimResult, Simulator
+from placement.workload import RequestSpec, at_rate, load_trace, poisson_requests, workload_preset
+
+if TYPE_CHECKING:
+    from cluster.bench import Measurement
 
 PLAN_FORMAT = 1
+SAME_NODE_TRANSPORTS = ("local", "shm")  # KV moves inside a node (the others may cross nodes)
 
 
 def model_config(config: ClusterConfig) -> ModelConfig:
@@ -210,6 +216,41 @@ def resolve(config: ClusterConfig, progress: Callable[[str], None] | None = None
     if placement.mode == "auto":
         return apply_plan(config, _candidate(plan(config, progress).candidates[0]))
     return config
+
+
+def configured(config: ClusterConfig) -> Candidate:
+    """The config's own pools (as written, before any plan) as a candidate, to be simulated."""
+    pools = {
+        role: PoolPlan(Parallelism(pool.tp, pool.pp), pool.instances, math.nan)
+        for role, pool in (("prefill", config.prefill), ("decode", config.decode))
+    }
+    transport = config.kv_transfer.transport
+    same_node = transport in SAME_NODE_TRANSPORTS or (transport == "auto" and config.placement.nodes == 1)
+    kind = "low_affinity" if same_node else "high_affinity"
+    return Candidate(kind, pools["prefill"], pools["decode"], None, config.kv_transfer.codec, math.nan)
+
+
+def predict(config: ClusterConfig, requests: list[RequestSpec], profile: Profile | None = None) -> SimResult:
+    """The simulator's account of `requests` (arrival times as given) on the config's own pools,
+    with its latency model: `profile`, else the one `placement.profile` names, else the roofline."""
+    space = search_space(config)
+    if profile is not None:
+        space = dataclasses.replace(space, profiles=(profile,))
+    return Simulator(Planner(space).whole(configured(config))).run(requests)
+
+
+def calibrate(
+    profile: Profile, measured: list[Measurement], predicted: list[RequestResult]
+) -> tuple[float, float]:
+    """(prefill, decode) factors that scale `profile` to the serving path, from a lightly loaded
+    run: the median ratio of each request's prefill time on its instance (the server's timing) to
+    the profile's, and of its measured TPOT to the TPOT simulated with the profile."""
+    done = [(m, p) for m, p in zip(measured, predicted, strict=True) if not m.rejected]
+    prefill = [m.server["prefill"] / profile.prefill_time([(m.input_len, 0)]) for m, _ in done if m.server]
+    decode = [m.tpot / p.tpot for m, p in done if m.output_len > 1 and p.tpot > 0]
+    if not prefill or not decode:
+        raise PlacementError("calibration needs completed requests with more than one output token")
+    return statistics.median(prefill), statistics.median(decode)
 
 
 def plot(path: str | Path, title: str, result: SearchResult, top: int = 3, points: int = 8) -> None:

@@ -13,6 +13,18 @@ simulated rates (the same requests, arrivals rescaled, so attainment falls smoot
 
 Every candidate's pools are then simulated together at the target rate (or at its goodput when
 the rate is "as high as possible") for the attainment the table reports.
+
+Simplifications, each a choice rather than an oversight:
+- A simulated rate runs at most MAX_REQUESTS requests (fewer when the SLOs are short): enough to
+  fill the pools and outlast the TTFT SLO, not a steady state of hours.
+- Algorithm 2 rates decode behind the best same-node prefill only (not every prefill layout it
+  could pair with), as Algorithm 1 does across nodes.
+- Decode pipeline stages add throughput (micro-batches) but no latency gain, so decode pp > 1 only
+  wins when the weights do not fit otherwise.
+- A codec costs its bytes on the link; its encode and decode kernels' time is not modelled (they
+  run at GPU copy speed, far below a step's time).
+- Only instance counts in whole units of the best layouts are replicated; mixed layouts inside
+  one phase (two prefill layouts side by side) are not searched.
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from engine.model_config import ModelConfig
 from engine.scheduler import SchedulerConfig
 from kernels.kv_quant import layer_nbytes
 from placement.errors import PlacementError
+from placement.goodput import bisect_goodput
 from placement.hardware import ClusterSpec
 from placement.latency import LatencyModel, Roofline
 from placement.simulator import SLO, PoolSpec, SimCluster, Simulator, TransferSpec
@@ -215,25 +228,11 @@ class Planner:
         """The highest rate whose attainment meets the target (0 when even a trickle misses);
         `upper`: a rate known to be about the most it can take."""
         target = self.space.slo.attainment
-        ok = lambda rate: self.attainment(cluster, rate, stop_below=True) >= target  # noqa: E731
-        low, high = 0.0, upper or self._first_guess(cluster)
-        while ok(high):
-            low, high = high, high * 2
-            if high > 1e7:
-                return high
-        if low == 0.0:  # find any rate that works, or give up
-            probe = high / 2
-            for _ in range(10):
-                if ok(probe):
-                    low = probe
-                    break
-                high, probe = probe, probe / 2
-            else:
-                return 0.0
-        for _ in range(self.bisection_steps):
-            mid = (low + high) / 2
-            low, high = (mid, high) if ok(mid) else (low, mid)
-        return low
+        return bisect_goodput(
+            lambda rate: self.attainment(cluster, rate, stop_below=True) >= target,
+            upper or self._first_guess(cluster),
+            self.bisection_steps,
+        )
 
     def _first_guess(self, cluster: SimCluster) -> float:
         return max(1e-3, self._bound(cluster) / 2)

@@ -42,7 +42,7 @@ import random
 import statistics
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from time import perf_counter
@@ -134,6 +134,18 @@ class Profile:
         (decode_time(0, 0) is the fixed per-step cost, as the simulator expects)."""
         d = self.decode
         return d.a + d.b * num_context + d.c * num_seqs
+
+    def scaled(self, prefill: float, decode: float) -> Profile:
+        """Every prefill step `prefill` times as long and every decode step `decode` times (a
+        calibration against the serving path, which adds to the engine's own step)."""
+        if not (prefill > 0 and decode > 0):
+            raise PlacementError(f"calibration factors must be positive, got {prefill!r} and {decode!r}")
+        p, d = self.prefill, self.decode
+        return replace(
+            self,
+            prefill=PrefillFit(p.a * prefill, p.b * prefill, p.c * prefill),
+            decode=DecodeFit(d.a * decode, d.b * decode, d.c * decode),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {

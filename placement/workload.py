@@ -50,6 +50,15 @@ class LengthDistribution:
         mu, sigma = math.log(self.median), self.sigma
         return [min(max(round(rng.lognormvariate(mu, sigma)), self.minimum), self.maximum) for _ in range(n)]
 
+    def scaled(self, factor: float) -> LengthDistribution:
+        """Every length times `factor` (the same shape; bounds rounded, at least 1)."""
+        return LengthDistribution(
+            self.mean * factor,
+            self.median * factor,
+            max(1, round(self.minimum * factor)),
+            max(1, round(self.maximum * factor)),
+        )
+
 
 @dataclass(frozen=True)
 class Workload:
@@ -57,6 +66,20 @@ class Workload:
     input: LengthDistribution
     output: LengthDistribution
     source: str  # where the statistics come from
+
+    def scaled(self, factor: float) -> Workload:
+        """The same workload with input and output lengths times `factor`, for hardware too slow
+        (or fast) for the real lengths; the name says so."""
+        if not (math.isfinite(factor) and factor > 0):
+            raise PlacementError(f"length scale must be a positive number, got {factor!r}")
+        if factor == 1:
+            return self
+        return Workload(
+            f"{self.name} x{factor:g}",
+            self.input.scaled(factor),
+            self.output.scaled(factor),
+            f"{self.source}; lengths scaled by {factor:g}",
+        )
 
 
 # DistServe (OSDI'24) evaluates a chatbot on ShareGPT, code completion on HumanEval and

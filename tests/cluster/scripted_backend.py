@@ -57,7 +57,11 @@ class ScriptedBackend:
                 yield Delta((token,), self.tokenizer.decode([token]), logprobs)
             reason = "length" if len(ids) == params.max_tokens else "stop"
             yield Final(
-                request_id, reason, len(prompt_ids), len(ids), Timings(0.001, 0.01, 0.002, 0.005, 0.05)
+                request_id,
+                reason,
+                len(prompt_ids),
+                len(ids),
+                Timings(queued=0.001, ttft=0.01, transfer=0.002, prefill=0.004, tpot=0.005, e2e=0.05),
             )
             self.finished.append(request_id)
         except (GeneratorExit, asyncio.CancelledError):

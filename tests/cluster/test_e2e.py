@@ -20,6 +20,7 @@ import pytest
 import ray
 from prometheus_client.parser import text_string_to_metric_families
 
+from cluster.cli import main as cli_main
 from cluster.config import config_from_dict
 from cluster.router import PrefillLoad
 from cluster.serve import ClusterServer
@@ -27,6 +28,7 @@ from engine.sampling_params import SamplingParams
 from kv_transfer import transports
 from kv_transfer.errors import UnauthenticatedError
 from kv_transfer.stubs import load as load_stubs
+from placement.profiler import DecodeFit, PrefillFit, Profile
 
 pb, pb_grpc = load_stubs("serving")
 TOKEN = "e2e-secret-token"
@@ -109,7 +111,9 @@ def test_grpc_gives_the_offline_engines_greedy_tokens(cluster, stub, embedded_ll
         ids, text, final = grpc_generate(stub, prompt, 24)
         assert ids == want.token_ids and text == want.text
         assert final.finish_reason == "length" and final.usage.completion_tokens == 24
-        assert 0 < final.timings.ttft <= final.timings.e2e and final.timings.tpot > 0
+        t = final.timings
+        assert 0 < t.ttft <= t.e2e and t.tpot > 0
+        assert 0 <= t.queued and 0 < t.prefill and t.queued + t.prefill + t.transfer <= t.ttft
 
 
 def test_openai_client_gets_the_offline_chat_answer(client, embedded_llm):
@@ -155,6 +159,43 @@ def test_a_cancelled_stream_frees_its_blocks_on_both_sides(cluster, stub):
     assert all(r.HasField("delta") for r in received)
     assert any(blocks_used(cluster).values())  # it holds KV while it decodes
     call.cancel()
+    assert not any(wait_idle(cluster).values())
+
+
+def test_pdserve_bench_drives_the_cluster_and_writes_its_report(cluster, tmp_path):
+    """`pdserve bench` against the running cluster: every request completes with exactly its
+    output length, the report holds measurement and simulation side by side, nothing is held."""
+    config = tmp_path / "bench.yaml"
+    config.write_text(
+        json.dumps(  # YAML is a superset of JSON
+            {
+                "model": {"name": "smollm2-135m", "dtype": "float32", "device": "cpu"},
+                "slo": {"ttft_ms": 60000, "tpot_ms": 10000},
+                "decode": {"instances": 2},
+                "server": {"auth_token": TOKEN},
+            }
+        )
+    )
+    out = tmp_path / "out"
+    argv = ["bench", "--config", str(config), "--target", cluster.endpoints["grpc"], "--workload", "code"]
+    argv += ["--length-scale", "0.1", "--rates", "4", "--num-requests", "5", "--predict", "--no-plots"]
+    assert cli_main([*argv, "--out", str(out)]) == 0
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    assert run["summary"]["requests"] == 5 and run["summary"]["failed"] == 0
+    assert run["summary"]["attainment"] == 1.0  # SLOs a minute long: every request meets them
+    assert all(r["output_tokens"] == r["output_len"] and r["server"]["prefill"] > 0 for r in run["requests"])
+    assert len(run["predicted"]) == 5 and "predicted_attainment" in run["summary"]
+    assert "| 4 | 5 | 0 | 100.0% |" in (out / "summary.md").read_text()
+    # --calibrate scales a profile by the first run's served/modelled ratios before predicting.
+    profile = tmp_path / "profile.json"
+    Profile(
+        "smollm2-135m", "cpu", 1, 1, "float32", PrefillFit(0.01, 1e-4, 0.0), DecodeFit(0.01, 0.0, 1e-3)
+    ).save(profile)
+    argv += ["--calibrate", "--profile", str(profile)]
+    assert cli_main([*argv, "--out", str(out)]) == 0
+    calibration = json.loads((out / "results.json").read_text())["calibration"]
+    assert calibration["rate"] == 4 and calibration["prefill"] > 0 and calibration["decode"] > 0
+    assert "Predictions use the profile scaled" in (out / "summary.md").read_text()
     assert not any(wait_idle(cluster).values())
 
 

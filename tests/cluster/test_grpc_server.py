@@ -144,9 +144,8 @@ def test_prompt_streams_the_reply_then_a_final_with_usage_and_timings(stub, back
         len(backend.reply_ids),
     )
     timings = final.timings
-    assert (timings.queued, timings.ttft, timings.transfer, timings.tpot, timings.e2e) == pytest.approx(
-        (0.001, 0.01, 0.002, 0.005, 0.05)
-    )
+    got = (timings.queued, timings.ttft, timings.transfer, timings.prefill, timings.tpot, timings.e2e)
+    assert got == pytest.approx((0.001, 0.01, 0.002, 0.004, 0.005, 0.05))
     assert all(not d.logprobs for d in deltas)  # not asked for
 
 

@@ -302,6 +302,7 @@ def test_request_failing_mid_generation_finishes_alone(embedded_loaded):
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     doomed = engine.add_request("The capital of France is", params)
     healthy = engine.add_request("Once upon a time", params)
+
     def broken(token_id):
         raise RuntimeError("detokenizer exploded")
 

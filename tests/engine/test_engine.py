@@ -152,9 +152,26 @@ def test_abort_frees_blocks_and_others_finish(embedded_llm, prompt_ids):
     assert engine.num_free_blocks == free_before
 
 
+def test_decode_batch_of_very_different_lengths_matches_each_alone(embedded_llm):
+    """Short and long contexts decode in separate attention groups (rows gathered and scattered
+    back); every request's greedy tokens equal its own run alone."""
+    long = [(7 * i) % 40000 + 100 for i in range(700)]
+    prompts = [list(range(300, 320)), long, list(range(900, 930)), long[:650]]
+    runner = embedded_llm.engine.runner
+    widths = [len(p) + 1 for p in prompts]
+    groups = runner._decode_groups([list(range(-(-w // 16))) for w in widths], widths)
+    assert len(groups) == 2 and groups[0].rows.tolist() == [0, 2]  # the batch below is split
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    together = embedded_llm.generate(prompts, params, use_tqdm=False)
+    for prompt, out in zip(prompts, together, strict=True):
+        assert out.token_ids == embedded_llm.generate(prompt, params, use_tqdm=False)[0].token_ids
+
+
 def test_timeline_is_ordered(embedded_llm, prompt_ids):
     t = embedded_llm.generate(prompt_ids[0], GREEDY)[0].timeline
     assert t.arrival <= t.first_scheduled <= t.first_token <= t.finished and t.ttft >= 0
+    # Queueing ends when the first step starts, so the prefill's own forward lies between the two.
+    assert t.first_token - t.first_scheduled > 0
 
 
 def test_dummy_model_runs_on_token_ids():

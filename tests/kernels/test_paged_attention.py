@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import pytest
 import torch
 
 from kernels.paged_attention import (
     gather_blocks,
+    group_by_length,
     paged_decode_attention_ref,
     prefill_attention,
     store_kv,
@@ -67,3 +71,35 @@ def test_prefill_attention_with_prefix(num_prefix):
     v = torch.randn(num_prefix + n, kv_heads, dim)
     out = prefill_attention(q, k, v, dim**-0.5, num_prefix)
     torch.testing.assert_close(out, dense_attention(q, k, v, dim**-0.5), atol=1e-5, rtol=1e-5)
+
+
+def _cost(groups, widths, group_cost):
+    return sum(group_cost + len(g) * max(widths[r] for r in g) for g in groups)
+
+
+def _partitions(items):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for part in _partitions(rest):
+        yield [[first], *part]
+        for i in range(len(part)):
+            yield [*part[:i], [first, *part[i]], *part[i + 1 :]]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_group_by_length_is_the_cheapest_partition(seed):
+    rng = random.Random(seed)
+    widths = [16 * rng.choice([1, 2, 3, 8, 9, 40, 64]) for _ in range(rng.randrange(1, 8))]
+    groups = group_by_length(widths, group_cost=128)
+    assert sorted(itertools.chain(*groups)) == list(range(len(widths)))  # a partition of the rows
+    assert all(g == sorted(g) for g in groups)
+    brute = min(_cost(p, widths, 128) for p in _partitions(list(range(len(widths)))))
+    assert _cost(groups, widths, 128) == brute
+
+
+def test_group_by_length_splits_a_long_context_from_short_ones_only_when_it_pays():
+    assert group_by_length([16] * 12) == [list(range(12))]
+    assert group_by_length([16, 32, 16, 1024, 48]) == [[0, 1, 2, 4], [3]]  # 5 x 1024 would be padding
+    assert group_by_length([512, 528], group_cost=128) == [[0, 1]]  # a group costs more than 16 positions
