@@ -121,8 +121,10 @@ class Scheduler:
         prefills: list[ScheduledChunk] = []
         out_of_memory: list[Sequence] = []
 
+        # Preemption below takes sequences out of `running` (status WAITING) while the loops walk
+        # a snapshot of it: the status says whether a sequence is still in, without a list scan.
         for seq in list(self.running):
-            if seq not in self.running or seq.num_uncomputed_tokens != 1:
+            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
                 continue
             while not self._grow(seq, seq.num_tokens):
                 victim = self.running[-1]
@@ -136,14 +138,14 @@ class Scheduler:
                 decodes.append(ScheduledChunk(seq, 1))
                 budget -= 1
 
+        # Like a decode, an older prefill takes blocks from the newest sequences (not from one
+        # scheduled this step); otherwise two half-prefilled prompts could each wait forever for
+        # blocks the other holds.
+        scheduled = {id(c.seq) for c in decodes}
         for seq in list(self.running):  # chunked prefills already admitted, oldest first
             n = min(seq.num_uncomputed_tokens, budget, chunk)
-            if seq not in self.running or seq.num_uncomputed_tokens <= 1 or n <= 0:
+            if seq.status is not SequenceStatus.RUNNING or seq.num_uncomputed_tokens <= 1 or n <= 0:
                 continue
-            # Like a decode, an older prefill takes blocks from the newest sequences (not from one
-            # scheduled this step); otherwise two half-prefilled prompts could each wait forever for
-            # blocks the other holds.
-            scheduled = {id(c.seq) for c in decodes}
             while not self._grow(seq, seq.num_computed_tokens + n):
                 victim = self.running[-1]
                 if victim is seq or id(victim) in scheduled:

@@ -421,8 +421,10 @@ class _Run:
         for seq in seqs:
             seq.num_computed_tokens += k
             seq.token_ids.extend([0] * k)
-        for seq in seqs:
-            self.token(instance, instance.requests[seq.request_id], self.now)
+        for seq in seqs:  # only those whose last token this was have anything to do
+            request = instance.requests[seq.request_id]
+            if seq.num_output_tokens >= request.spec.output_len:
+                self.token(instance, request, self.now)
         self.kick(instance)
 
     def prefilled(self, instance: _Instance, request: _Request, started: float, ended: float) -> None:
