@@ -187,14 +187,12 @@ def cmd_profile(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     """Drive a running cluster at one or more rates (or search its goodput) and report attainment."""
     import dataclasses
-    import time
 
-    from cluster.bench import LoadSpec, Traffic, run_load
-    from cluster.bench_report import BenchReport, RateResult, attainment
+    from cluster.bench import LoadSpec, Traffic
+    from cluster.bench_report import BenchReport
+    from cluster.bench_session import BenchSession
     from cluster.config import load_config
     from placement import plan as planning
-    from placement.errors import PlacementError
-    from placement.goodput import bisect_goodput
     from placement.profiler import Profile
     from placement.simulator import SLO
 
@@ -218,46 +216,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     spec = LoadSpec(target, config.server.auth_token, seed=args.seed, timeout=config.server.request_timeout_s)
     report = BenchReport(str(args.config), target, traffic.describe(), slo)
 
-    profile = None
-    if args.calibrate:
-        if not args.predict or served.placement.profile is None:
-            raise PlacementError("--calibrate needs --predict and a profile (--profile or placement.profile)")
-        profile = Profile.load(served.placement.profile)
-
-    def run(rate: float) -> RateResult:
-        nonlocal profile
-        requests = traffic.at(rate)
-        print(f"bench: {len(requests)} requests at {rate:.3g} req/s ({traffic.describe()})", file=sys.stderr)
-        start = time.perf_counter()
-        measured = run_load(requests, spec)
-        result = RateResult(rate, measured, time.perf_counter() - start)
-        if args.predict:
-            result.predicted = planning.predict(served, requests, profile).requests
-            if args.calibrate and report.calibration is None:  # the first run calibrates the rest
-                factors = planning.calibrate(profile, measured, result.predicted)
-                report.calibration = {"rate": rate, "prefill": factors[0], "decode": factors[1]}
-                f_prefill, f_decode = factors
-                print(
-                    f"bench: calibrated at {rate:.3g} req/s: prefill x{f_prefill:.2f}, decode x{f_decode:.2f}"
-                )
-                profile = profile.scaled(*factors)
-                result.predicted = planning.predict(served, requests, profile).requests
-        report.runs.append(result)
-        s = result.summary(slo)
-        predicted = f", simulated {s['predicted_attainment']:.1%}" if args.predict else ""
-        print(
-            f"bench: {rate:.3g} req/s: attainment {s['attainment']:.1%}{predicted}; TTFT p90 "
-            f"{s['ttft_p90_ms']:.0f} ms, TPOT p90 {s['tpot_p90_ms']:.0f} ms, {s['failed']} failed",
-            file=sys.stderr,
-        )
-        return result
-
+    profile_path = served.placement.profile
+    profile = Profile.load(profile_path) if args.predict and profile_path is not None else None
+    predictor = (lambda requests, p: planning.predict(served, requests, p).requests) if args.predict else None
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    session = BenchSession(traffic, spec, report, predictor, profile, args.calibrate, log)
     if args.goodput:
-        meets = lambda rate: attainment(run(rate).measured, slo) >= slo.attainment  # noqa: E731
-        report.goodput = bisect_goodput(meets, args.rate[0] if args.rate else 1.0, args.steps)
+        session.goodput(args.rate[0] if args.rate else 1.0, args.steps)
     else:
-        for rate in sorted(args.rate or [1.0]):
-            run(rate)
+        session.rates(args.rate or [1.0])
     print(report.markdown())
     for path in report.write(args.out, plots=not args.no_plots):
         print(f"written: {path}", file=sys.stderr)

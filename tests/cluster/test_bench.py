@@ -14,6 +14,7 @@ from scripted_backend import ScriptedBackend  # tests/cluster is on sys.path (no
 
 from cluster.bench import PROMPT_IDS, LoadSpec, Measurement, Traffic, prompt_ids, run_load
 from cluster.bench_report import BenchReport, RateResult, attainment, percentile
+from cluster.bench_session import BenchSession
 from cluster.grpc_server import GrpcServer
 from cluster.metrics import Metrics
 from placement.errors import PlacementError
@@ -118,6 +119,35 @@ def test_failed_and_short_requests_count_as_misses(auth_server, backend):
     short = run_load([RequestSpec(0.0, 4, reply + 5)], LoadSpec(target, TOKEN, progress=False))
     assert short[0].rejected and short[0].error == f"{reply} of {reply + 5} tokens arrived"
     assert not short[0].meets(SLO(10.0, 10.0))
+
+
+def test_session_runs_rates_in_order_and_simulates_the_requests_it_sent(auth_server, backend):
+    backend.delay = 0.0
+    reply = len(backend.reply_ids)
+    traffic = Traffic("code", num_requests=3, length_scale=0.05, max_total_len=reply + 20)
+    spec = LoadSpec(f"127.0.0.1:{auth_server.port}", TOKEN, progress=False)
+    report = BenchReport("c.yaml", spec.target, traffic.describe(), SLO(10.0, 10.0))
+    seen: list[list[RequestSpec]] = []
+
+    def predictor(requests, profile):
+        seen.append(requests)
+        return [
+            RequestResult(r.arrival, r.input_len, r.output_len, r.arrival + 0.1, r.arrival + 0.2)
+            for r in requests
+        ]
+
+    lines: list[str] = []
+    session = BenchSession(traffic, spec, report, predictor, log=lines.append)
+    # The traffic asks for its own lengths; the scripted reply is shorter, so runs count misses.
+    session.rates([40.0, 20.0])
+    assert [run.rate for run in report.runs] == [20.0, 40.0]
+    assert [[(r.input_len, r.output_len) for r in reqs] for reqs in seen] == [
+        [(m.input_len, m.output_len) for m in run.measured] for run in report.runs
+    ]
+    assert all(run.predicted is not None and len(run.predicted) == 3 for run in report.runs)
+    assert any("simulated 100.0%" in line for line in lines)
+    with pytest.raises(PlacementError, match="--calibrate needs --predict and a profile"):
+        BenchSession(traffic, spec, report, predictor, profile=None, calibrate=True)
 
 
 # --- the report ---------------------------------------------------------------------------------
