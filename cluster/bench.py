@@ -18,6 +18,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 
 import grpc
@@ -133,10 +134,16 @@ class Traffic:
         scale = f" x{self.length_scale:g} lengths" if self.length_scale != 1 else ""
         return f"{self.workload}{scale}"
 
-    def at(self, rate: float) -> list[RequestSpec]:
+    @cached_property
+    def _trace(self) -> list[RequestSpec] | None:
+        """The trace's requests with scaled lengths, read once; None for a preset."""
         if Path(self.workload).suffix in (".jsonl", ".json") or Path(self.workload).is_file():
-            requests = at_rate(load_trace(self.workload), rate)[: self.num_requests]
-            requests = [self._scaled(r) for r in requests]
+            return [self._scaled(r) for r in load_trace(self.workload)]
+        return None
+
+    def at(self, rate: float) -> list[RequestSpec]:
+        if self._trace is not None:
+            requests = at_rate(self._trace, rate)[: self.num_requests]
         else:
             workload = workload_preset(self.workload).scaled(self.length_scale)
             requests = poisson_requests(workload, rate, self.num_requests, self.seed, self.max_total_len)

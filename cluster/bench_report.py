@@ -10,26 +10,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from cluster.bench import Measurement
 from placement.errors import PlacementError
-from placement.simulator import SLO, RequestResult
+from placement.simulator import SLO, RequestResult, attainment
 
 PERCENTILES = (50, 90, 99)
 
 
 def percentile(values: list[float], q: float) -> float:
-    """The q-th percentile by linear interpolation between order statistics (nan when empty)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    pos = (len(ordered) - 1) * q / 100
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(ordered) - 1)
-    return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
-
-
-def attainment(results: list[RequestResult], slo: SLO) -> float:
-    return sum(r.meets(slo) for r in results) / max(1, len(results))
+    """The q-th percentile, interpolated linearly between order statistics (nan when empty)."""
+    return float(np.percentile(values, q)) if values else math.nan
 
 
 @dataclass

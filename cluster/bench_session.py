@@ -3,31 +3,31 @@ running cluster, each optionally simulated on the very requests that were sent."
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
-from cluster.bench import LoadSpec, Traffic, run_load
-from cluster.bench_report import BenchReport, RateResult, attainment
+from cluster.bench import LoadSpec, Measurement, Traffic, run_load
+from cluster.bench_report import BenchReport, RateResult
 from placement.errors import PlacementError
 from placement.goodput import bisect_goodput
-from placement.plan import calibrate
+from placement.plan import Predictor
 from placement.profiler import Profile
-from placement.simulator import RequestResult
-from placement.workload import RequestSpec
+from placement.simulator import RequestResult, attainment
 
 
 class BenchSession:
     """Runs one rate after another against the cluster and keeps them in `report`. With a
     `predictor` (the placement model on the config's pools), each run is also simulated on the
     very requests that were sent; with `calibrate`, the first run scales `profile` to the serving
-    path (see placement.plan.calibrate) and every prediction uses the scaled profile."""
+    path (see `calibrate`) and every prediction uses the scaled profile."""
 
     def __init__(
         self,
         traffic: Traffic,
         spec: LoadSpec,
         report: BenchReport,
-        predictor: Callable[[list[RequestSpec], Profile | None], list[RequestResult]] | None = None,
+        predictor: Predictor | None = None,
         profile: Profile | None = None,
         calibrate: bool = False,
         log: Callable[[str], None] = print,
@@ -74,3 +74,17 @@ class BenchSession:
             lambda rate: attainment(self.run(rate).measured, slo) >= slo.attainment, first_guess, steps
         )
         return self.report.goodput
+
+
+def calibrate(
+    profile: Profile, measured: list[Measurement], predicted: list[RequestResult]
+) -> tuple[float, float]:
+    """(prefill, decode) factors that scale `profile` to the serving path, from a lightly loaded
+    run: the median ratio of each request's prefill time on its instance (the server's timing) to
+    the profile's, and of its measured TPOT to the TPOT simulated with the profile."""
+    done = [(m, p) for m, p in zip(measured, predicted, strict=True) if not m.rejected]
+    prefill = [m.server["prefill"] / profile.prefill_time([(m.input_len, 0)]) for m, _ in done if m.server]
+    decode = [m.tpot / p.tpot for m, p in done if m.output_len > 1 and p.tpot > 0]
+    if not prefill or not decode:
+        raise PlacementError("calibration needs completed requests with more than one output token")
+    return statistics.median(prefill), statistics.median(decode)

@@ -218,7 +218,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     profile_path = served.placement.profile
     profile = Profile.load(profile_path) if args.predict and profile_path is not None else None
-    predictor = (lambda requests, p: planning.predict(served, requests, p).requests) if args.predict else None
+    predictor = planning.predictor(served) if args.predict else None
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     session = BenchSession(traffic, spec, report, predictor, profile, args.calibrate, log)
     if args.goodput:

@@ -341,12 +341,12 @@ class Controller:
         tpot = (last - first) / (num_streamed - 1) if num_streamed > 1 else 0.0
         queued = marks.get("prefill_sent", arrival) - arrival + marks.get("queue_s", 0.0)
         timings = Timings(
-            queued,
-            first - arrival,
-            marks.get("transfer_s", 0.0),
-            marks.get("prefill_s", 0.0),
-            tpot,
-            now - arrival,
+            queued=queued,
+            ttft=first - arrival,
+            transfer=marks.get("transfer_s", 0.0),
+            prefill=marks.get("prefill_s", 0.0),
+            tpot=tpot,
+            e2e=now - arrival,
         )
         return replace(
             final,

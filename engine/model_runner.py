@@ -119,10 +119,10 @@ class ModelRunner:
             width = max(widths[r] for r in rows)
             padded = [tables[r][:width] + [0] * (width - min(len(tables[r]), width)) for r in rows]
             lens_t = torch.tensor([lens[r] for r in rows], dtype=torch.long, device=dev)
-            in_order = len(rows) == len(tables) and rows == sorted(rows)
+            whole = len(rows) == len(tables)  # one group: every row, in order
             groups.append(
                 DecodeGroup(
-                    rows=None if in_order else torch.tensor(rows, dtype=torch.long, device=dev),
+                    rows=None if whole else torch.tensor(rows, dtype=torch.long, device=dev),
                     block_tables=torch.tensor(padded, dtype=torch.long, device=dev),
                     valid=context_mask(lens_t, width * bs),
                 )

@@ -9,6 +9,9 @@ position `p` of a sequence is exactly its token `p`.
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
+
 import torch
 import torch.nn.functional as F
 
@@ -52,11 +55,9 @@ def group_by_length(widths: list[int], group_cost: float = GROUP_COST_POSITIONS)
     widths. Returns row indices, each group in ascending row order.
     """
     order = sorted(range(len(widths)), key=widths.__getitem__)
-    distinct = sorted(set(widths))
-    ends, counts = [], 0  # rows up to and including each distinct width
-    for w in distinct:
-        counts += widths.count(w)
-        ends.append(counts)
+    counts = Counter(widths)
+    distinct = sorted(counts)
+    ends = list(itertools.accumulate(counts[w] for w in distinct))  # rows up to each distinct width
     # best[j]: cheapest split of the rows up to distinct width j-1; cut[j]: where its last group starts
     best, cut = [0.0] + [float("inf")] * len(distinct), [0] * (len(distinct) + 1)
     for j in range(1, len(distinct) + 1):

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import statistics
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
@@ -31,11 +30,8 @@ from placement.errors import PlacementError
 from placement.hardware import ClusterSpec, gpu_spec
 from placement.planner import Candidate, Parallelism, Planner, PoolPlan, SearchResult, SearchSpace
 from placement.profiler import Profile
-from placement.simulator import SLO, RequestResult, SimResult, Simulator
+from placement.simulator import SLO, RequestResult, Simulator
 from placement.workload import RequestSpec, at_rate, load_trace, poisson_requests, workload_preset
-
-if TYPE_CHECKING:
-    from cluster.bench import Measurement
 
 PLAN_FORMAT = 1
 SAME_NODE_TRANSPORTS = ("local", "shm")  # KV moves inside a node (the others may cross nodes)
@@ -230,27 +226,20 @@ def configured(config: ClusterConfig) -> Candidate:
     return Candidate(kind, pools["prefill"], pools["decode"], None, config.kv_transfer.codec, math.nan)
 
 
-def predict(config: ClusterConfig, requests: list[RequestSpec], profile: Profile | None = None) -> SimResult:
-    """The simulator's account of `requests` (arrival times as given) on the config's own pools,
-    with its latency model: `profile`, else the one `placement.profile` names, else the roofline."""
-    space = search_space(config)
-    if profile is not None:
-        space = dataclasses.replace(space, profiles=(profile,))
-    return Simulator(Planner(space).whole(configured(config))).run(requests)
+Predictor = Callable[[list[RequestSpec], Profile | None], list[RequestResult]]
 
 
-def calibrate(
-    profile: Profile, measured: list[Measurement], predicted: list[RequestResult]
-) -> tuple[float, float]:
-    """(prefill, decode) factors that scale `profile` to the serving path, from a lightly loaded
-    run: the median ratio of each request's prefill time on its instance (the server's timing) to
-    the profile's, and of its measured TPOT to the TPOT simulated with the profile."""
-    done = [(m, p) for m, p in zip(measured, predicted, strict=True) if not m.rejected]
-    prefill = [m.server["prefill"] / profile.prefill_time([(m.input_len, 0)]) for m, _ in done if m.server]
-    decode = [m.tpot / p.tpot for m, p in done if m.output_len > 1 and p.tpot > 0]
-    if not prefill or not decode:
-        raise PlacementError("calibration needs completed requests with more than one output token")
-    return statistics.median(prefill), statistics.median(decode)
+def predictor(config: ClusterConfig) -> Predictor:
+    """The simulator on the config's own pools (search space built once): given requests (arrival
+    times as they are) and a profile, or None for the one `placement.profile` names (else the
+    roofline), each request's simulated TTFT and TPOT."""
+    space, candidate = search_space(config), configured(config)
+
+    def simulate(requests: list[RequestSpec], profile: Profile | None = None) -> list[RequestResult]:
+        chosen = space if profile is None else dataclasses.replace(space, profiles=(profile,))
+        return Simulator(Planner(chosen).whole(candidate)).run(requests).requests
+
+    return simulate
 
 
 def plot(path: str | Path, title: str, result: SearchResult, top: int = 3, points: int = 8) -> None:

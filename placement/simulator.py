@@ -132,15 +132,18 @@ class RequestResult:
         return not self.rejected and self.ttft <= slo.ttft and self.tpot <= slo.tpot
 
 
+def attainment(results: Sequence[RequestResult], slo: SLO) -> float:
+    """The fraction of `results` meeting both SLOs (a rejected request meets neither)."""
+    return sum(r.meets(slo) for r in results) / max(1, len(results))
+
+
 @dataclass
 class SimResult:
     requests: list[RequestResult]
     stopped_early: bool = False  # too many misses to reach the target; the rest was not run
 
     def attainment(self, slo: SLO) -> float:
-        if self.stopped_early:
-            return 0.0
-        return sum(r.meets(slo) for r in self.requests) / max(1, len(self.requests))
+        return 0.0 if self.stopped_early else attainment(self.requests, slo)
 
 
 # --- instances ----------------------------------------------------------------------------------

@@ -13,13 +13,14 @@ import pytest
 from scripted_backend import ScriptedBackend  # tests/cluster is on sys.path (no __init__.py)
 
 from cluster.bench import PROMPT_IDS, LoadSpec, Measurement, Traffic, prompt_ids, run_load
-from cluster.bench_report import BenchReport, RateResult, attainment, percentile
-from cluster.bench_session import BenchSession
+from cluster.bench_report import BenchReport, RateResult, percentile
+from cluster.bench_session import BenchSession, calibrate
 from cluster.grpc_server import GrpcServer
 from cluster.metrics import Metrics
 from placement.errors import PlacementError
 from placement.goodput import bisect_goodput
-from placement.simulator import SLO, RequestResult
+from placement.profiler import DecodeFit, PrefillFit, Profile
+from placement.simulator import SLO, RequestResult, attainment
 from placement.workload import RequestSpec, workload_preset
 
 TOKEN = "bench-token-1234"
@@ -196,6 +197,24 @@ def test_report_writes_json_markdown_and_plots(tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "| 1 | 2 | 1 | 50.0% | 100.0% |" in md and "| 2 | 2 | 1 | 0.0% | 100.0% |" in md
     assert "Goodput: 1.5 req/s" in md
+
+
+def test_calibration_is_the_median_ratio_of_served_to_modelled_times():
+    profile = Profile(
+        "m", "cpu", 1, 1, "float32", PrefillFit(0.02, 1.5e-3, 4e-7), DecodeFit(0.03, 4e-6, 2.5e-3)
+    )
+    measured, predicted = [], []
+    for i, (pre, dec) in enumerate([(1.2, 0.9), (1.4, 1.0), (1.5, 1.1), (9.0, 5.0)]):  # one outlier
+        n = 40 + 10 * i
+        m = Measurement(0.0, n, 11, first_token=1.0, last_token=1.0 + 10 * 0.05 * dec)
+        m.server = {"prefill": pre * profile.prefill_time([(n, 0)])}
+        measured.append(m)
+        predicted.append(RequestResult(0.0, n, 11, first_token=0.5, last_token=0.5 + 10 * 0.05))
+    failed = Measurement(0.0, 10, 11, rejected=True)
+    prefill, decode = calibrate(profile, [*measured, failed], [*predicted, predicted[0]])
+    assert prefill == pytest.approx(1.45) and decode == pytest.approx(1.05)  # medians: the outlier is ignored
+    with pytest.raises(PlacementError, match="calibration needs completed requests"):
+        calibrate(profile, [failed], [predicted[0]])
 
 
 # --- goodput ------------------------------------------------------------------------------------

@@ -103,26 +103,6 @@ def test_scaled_profile_stretches_each_phase_by_its_factor():
         profile.scaled(0.0, 1.0)
 
 
-def test_calibration_is_the_median_ratio_of_served_to_modelled_times():
-    from cluster.bench import Measurement
-    from placement.plan import calibrate
-    from placement.simulator import RequestResult
-
-    profile = Profile("m", "cpu", 1, 1, "float32", PREFILL, DECODE)
-    measured, predicted = [], []
-    for i, (pre, dec) in enumerate([(1.2, 0.9), (1.4, 1.0), (1.5, 1.1), (9.0, 5.0)]):  # one outlier
-        n = 40 + 10 * i
-        m = Measurement(0.0, n, 11, first_token=1.0, last_token=1.0 + 10 * 0.05 * dec)
-        m.server = {"prefill": pre * profile.prefill_time([(n, 0)])}
-        measured.append(m)
-        predicted.append(RequestResult(0.0, n, 11, first_token=0.5, last_token=0.5 + 10 * 0.05))
-    failed = Measurement(0.0, 10, 11, rejected=True)
-    prefill, decode = calibrate(profile, [*measured, failed], [*predicted, predicted[0]])
-    assert prefill == pytest.approx(1.45) and decode == pytest.approx(1.05)  # medians: the outlier is ignored
-    with pytest.raises(PlacementError, match="calibration needs completed requests"):
-        calibrate(profile, [failed], [predicted[0]])
-
-
 # --- the real engine ------------------------------------------------------------------------------
 
 TINY = ClusterConfig(
