@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.kv_quant import CODECS, decode_ref, encode_ref, layer_nbytes
+from kernels.kv_quant import CODECS, OnPiece, decode_ref, encode_ref, layer_nbytes
 from kv_transfer.errors import FrameError, UnknownCodecError
 from kv_transfer.frame import LOSSLESS
 from kv_transfer.layout import KVLayout
@@ -63,15 +63,23 @@ def _use_triton(spec: CodecSpec, cache: torch.Tensor) -> bool:
 
 
 def encode(
-    spec: CodecSpec, cache: torch.Tensor, layers: tuple[int, int], block_ids: torch.Tensor, out: torch.Tensor
+    spec: CodecSpec,
+    cache: torch.Tensor,
+    layers: tuple[int, int],
+    block_ids: torch.Tensor,
+    out: torch.Tensor,
+    on_piece: OnPiece | None = None,
 ) -> None:
-    """Quantize + pack layers [a, b) of `block_ids` straight from `cache` into `out` (uint8, raw size)."""
+    """Quantize + pack layers [a, b) of `block_ids` straight from `cache` into `out` (uint8, raw
+    size). `on_piece` sees the bytes of `out` in order as they are written (a streaming checksum)."""
     if _use_triton(spec, cache):
         from kernels.kv_quant_triton import encode_triton
 
         encode_triton(cache, layers, block_ids, spec.name, out)
+        if on_piece is not None:
+            on_piece(out)
     else:
-        encode_ref(cache, layers, block_ids, spec.name, out)
+        encode_ref(cache, layers, block_ids, spec.name, out, on_piece)
 
 
 def decode(
@@ -80,15 +88,20 @@ def decode(
     cache: torch.Tensor,
     layers: tuple[int, int],
     block_ids: torch.Tensor,
+    on_piece: OnPiece | None = None,
 ) -> None:
-    """Unpack + dequantize a raw payload straight into `cache` at `block_ids` (the receiver's blocks)."""
+    """Unpack + dequantize a raw payload straight into `cache` at `block_ids` (the receiver's
+    blocks). `on_piece` sees the bytes of `payload` in order as they are read."""
+    if on_piece is not None and (payload.device != cache.device or _use_triton(spec, cache)):
+        on_piece(payload)
+        on_piece = None
     payload = payload.to(cache.device, non_blocking=True)
     if _use_triton(spec, cache):
         from kernels.kv_quant_triton import decode_triton
 
         decode_triton(payload, cache, layers, block_ids, spec.name)
     else:
-        decode_ref(payload, cache, layers, block_ids, spec.name)
+        decode_ref(payload, cache, layers, block_ids, spec.name, on_piece)
 
 
 def compress(spec: CodecSpec, raw: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,9 @@
     raw          payload length before the lossless stage (P when lossless is "")
     plen         P
     csum alg     checksum of the P payload bytes and its algorithm: xxh3_64 for host payloads,
-                 sum64 (position-weighted 64-bit word sum, computed on the device) for GPU ones
+                 sum64 (position-weighted 64-bit word sum, computed on the device) for GPU ones;
+                 without a lossless stage the host's xxh3_64 is computed piece by piece as the
+                 codec writes (and reads) the payload (StreamingChecksum), the same value
 
 Checks, in order, each with its own error: magic and header length (TruncatedFrameError,
 FrameTooLargeError), msgpack and field types (FrameError), version (UnsupportedVersionError), codec
@@ -216,15 +218,47 @@ def checksum_alg_for(payload: torch.Tensor) -> str:
     return "xxh3_64" if payload.device.type == "cpu" else "sum64"
 
 
-def verify_payload(header: FrameHeader, payload: torch.Tensor) -> None:
-    """Length, then checksum; raises TruncatedFrameError / ChecksumMismatchError."""
+class StreamingChecksum:
+    """xxh3_64 fed with a payload's pieces in payload order: equal to payload_checksum over the
+    whole payload. The reference codecs feed it each piece right after writing it (sender) or
+    right before reading it (receiver), while the piece is still in the CPU's cache, so the
+    checksum costs no extra pass over memory."""
+
+    alg = "xxh3_64"
+
+    def __init__(self) -> None:
+        self._state = xxhash.xxh3_64()
+
+    def update(self, piece: torch.Tensor) -> None:
+        self._state.update(piece.reshape(-1).view(torch.uint8).numpy())
+
+    def intdigest(self) -> int:
+        return self._state.intdigest()
+
+
+def streams_checksum(payload: torch.Tensor, lossless: str) -> bool:
+    """Whether a payload's checksum can be computed while the codec runs: host payloads without a
+    lossless stage (which checksums the compressed bytes)."""
+    return not lossless and payload.device.type == "cpu"
+
+
+def check_payload_length(header: FrameHeader, payload: torch.Tensor) -> None:
     if payload.numel() != header.payload_len:
         raise TruncatedFrameError(
             f"frame for {header.request_id!r} declares {header.payload_len} payload bytes, "
             f"{payload.numel()} arrived"
         )
-    if payload_checksum(payload, header.checksum_alg) != header.checksum:
+
+
+def check_checksum(header: FrameHeader, checksum: int) -> None:
+    if checksum != header.checksum:
         raise ChecksumMismatchError(
             f"frame for {header.request_id!r} (layers {header.layers[0]}-{header.layers[1] - 1}): "
             "payload checksum mismatch; the bytes were corrupted in transit"
         )
+
+
+def verify_payload(header: FrameHeader, payload: torch.Tensor) -> None:
+    """Length, then checksum; raises TruncatedFrameError / ChecksumMismatchError."""
+    check_payload_length(header, payload)
+    check_checksum(header, payload_checksum(payload, header.checksum_alg))

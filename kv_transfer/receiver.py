@@ -41,7 +41,16 @@ from kv_transfer.errors import (
     TransferTimeoutError,
     UnknownTransferError,
 )
-from kv_transfer.frame import FrameHeader, decode_header, verify_payload
+from kv_transfer.frame import (
+    FrameHeader,
+    StreamingChecksum,
+    check_checksum,
+    check_payload_length,
+    decode_header,
+    payload_checksum,
+    streams_checksum,
+    verify_payload,
+)
 from kv_transfer.layout import KVLayout
 from kv_transfer.transport import Frame
 
@@ -185,12 +194,9 @@ class KVReceiver:
             t = self._receiving(header.request_id)
             try:
                 self._check(header, t)
-                verify_payload(header, frame.payload)
-                raw = codecs.decompress(header.lossless, frame.payload, header.raw_len)
-                spec = CodecSpec(header.codec, header.lossless)
                 first, last = header.first_block, header.first_block + header.num_blocks
                 dst = torch.tensor(t.block_ids[first:last], dtype=torch.int64, device=self.cache.device)
-                codecs.decode(spec, raw, self.cache, header.layers, dst)
+                self._decode(header, frame.payload, dst)
             except TransferError as exc:
                 self._close(t, ReceiveState.FAILED, exc)
                 raise
@@ -221,6 +227,27 @@ class KVReceiver:
         self.abort(request_id, f"aborted by the prefill side: {reason}")
 
     # --- internals ------------------------------------------------------------------------------
+
+    def _decode(self, header: FrameHeader, payload: torch.Tensor, dst: torch.Tensor) -> None:
+        """Check and decode one frame's payload into `dst` (this transfer's reserved blocks).
+
+        A host payload without a lossless stage is checksummed piece by piece as the codec reads
+        it (one pass over memory, not two) and compared at the end: a corrupted payload may have
+        been written into the reserved blocks by then, and the transfer's failure frees them."""
+        spec = CodecSpec(header.codec, header.lossless)
+        if not (header.checksum_alg == StreamingChecksum.alg and streams_checksum(payload, header.lossless)):
+            verify_payload(header, payload)
+            raw = codecs.decompress(header.lossless, payload, header.raw_len)
+            codecs.decode(spec, raw, self.cache, header.layers, dst)
+            return
+        check_payload_length(header, payload)
+        streaming = StreamingChecksum()
+        try:
+            codecs.decode(spec, payload, self.cache, header.layers, dst, streaming.update)
+        except Exception:
+            check_checksum(header, payload_checksum(payload, header.checksum_alg))  # corruption first
+            raise
+        check_checksum(header, streaming.intdigest())
 
     def _receiving(self, request_id: str) -> IncomingTransfer:
         t = self._transfers.get(request_id)

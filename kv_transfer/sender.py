@@ -30,7 +30,14 @@ from engine.block_manager import BlockAllocator
 from kv_transfer import codecs
 from kv_transfer.codecs import CodecSpec
 from kv_transfer.errors import TransferAbortedError, TransferError, TransferTimeoutError, UnknownTransferError
-from kv_transfer.frame import FORMAT_VERSION, FrameHeader, checksum_alg_for, payload_checksum
+from kv_transfer.frame import (
+    FORMAT_VERSION,
+    FrameHeader,
+    StreamingChecksum,
+    checksum_alg_for,
+    payload_checksum,
+    streams_checksum,
+)
 from kv_transfer.layout import KVLayout
 from kv_transfer.transport import Connection, Frame
 
@@ -213,13 +220,15 @@ class KVSender:
             raw = torch.empty(raw_len, dtype=torch.uint8, device=self.cache.device)
         else:
             raw = t.connection.payload_buffer(raw_len, self.cache.device)
+        streaming = StreamingChecksum() if streams_checksum(raw, self.codec.lossless) else None
         try:
-            codecs.encode(self.codec, self.cache, (a, b), t.block_tensor[first : first + count], raw)
+            ids = t.block_tensor[first : first + count]
+            codecs.encode(self.codec, self.cache, (a, b), ids, raw, streaming and streaming.update)
             payload = codecs.compress(self.codec, raw)
         except BaseException:
             t.connection.release_buffer(raw)
             raise
-        alg = checksum_alg_for(payload)
+        alg = StreamingChecksum.alg if streaming else checksum_alg_for(payload)
         header = FrameHeader(
             version=FORMAT_VERSION,
             request_id=t.request_id,
@@ -236,7 +245,7 @@ class KVSender:
             lossless=self.codec.lossless,
             raw_len=raw_len,
             payload_len=payload.numel(),
-            checksum=payload_checksum(payload, alg),
+            checksum=streaming.intdigest() if streaming else payload_checksum(payload, alg),
             checksum_alg=alg,
         )
         t.connection.send(Frame(header.encode(), payload))

@@ -1,45 +1,45 @@
 """Same-node transport: payloads travel through shared memory, a Unix socket carries control.
 
-Per connection the sender allocates a ring of N slots once (memfd segments on the CPU, CUDA
-tensors on a GPU) and hands them to the receiver, which maps them once. Afterwards only small
-messages cross the socket; payload bytes are written once by the sender (the codec writes straight
-into a slot obtained from `payload_buffer`) and read once by the receiver (the sink decodes from a
-view of the slot).
+Per connection the sender allocates one ring buffer once (a memfd segment on the CPU, a CUDA
+tensor on a GPU) and hands it to the receiver, which maps it once. Afterwards only small messages
+cross the socket; payload bytes are written once by the sender (the codec writes straight into a
+region obtained from `payload_buffer`) and read once by the receiver (the sink decodes from a view
+of the region).
 
-    ring: N slots of slot_bytes, shared by both processes, mapped once per connection
-      slot 0 [########....]  being read by the receiver: sink.on_frame decodes from a view of it
-      slot 1 [#####.......]  being written by the sender: the codec encodes into payload_buffer()
-      slot 2 [............]  free
-      slot 3 [............]  free
+    ring: ring_bytes shared by both processes, mapped once per connection; regions are handed
+    out in order and wrap around, so many small frames (one per layer) can be in flight at once
+      [free.....|frame 7 (receiver reads)|frame 8|frame 9|frame 10 (sender writes)|free.......]
+                 tail: oldest live region                                         head: next one
 
     control socket (shm:///tmp/pdserve-shm-XXXX/kv.sock), u32 length + msgpack list per message
     sender ──► receiver                                 receiver ──► sender
-    hello     slot_bytes, device, N  + N memfds          ready  max_frame_bytes
-              (CUDA: N pickled IPC handles instead)      error  None, class name, message
-    frame     request, header, slot, offset, plen        free   slot        after on_frame returns
-              (slot None: nothing staged, plen is 0 or over max_frame_bytes)
+    hello     ring_bytes, device  + 1 memfd              ready  max_frame_bytes
+              (CUDA: a pickled IPC handle instead)       error  None, class name, message
+    frame     request, header, region, offset, plen      free   region      after on_frame returns
+              (region None: nothing staged, plen is 0 or over max_frame_bytes)
     frame_fd  request, header, plen  + 1 memfd           free_oneoff        after on_frame returns
     end       request, num_frames                        ack    request
                                                          error  request, class name, message
     abort     request, reason                            (no reply)
 
-    a slot's life: free ─► taken by payload_buffer/send ─► written ─► "frame" ─► sink.on_frame
-                   ▲                                                                 │
-                   └────────────────────────────── "free" ◄──────────────────────────┘
+    a region's life: taken by payload_buffer/send ─► written ─► "frame" ─► sink.on_frame ─► "free"
+    The receiver consumes one connection's frames in order, so regions come back in the order they
+    were taken; a region lent by payload_buffer and given back unsent is marked free and the tail
+    moves past it once everything older is free too.
 
-Frames larger than a slot go through a one-off memfd of their exact size (one in flight at a
-time; CUDA connections refuse them with FrameTooLargeError, raise slot_bytes instead). The sink
-must not keep a frame's payload after on_frame returns: the slot is reused.
+Frames larger than the ring go through a one-off memfd of their exact size (one in flight at a
+time; CUDA connections refuse them with FrameTooLargeError, raise ring_bytes instead). The sink
+must not keep a frame's payload after on_frame returns: the region is reused.
 
 Cleanup: segments are memfds, anonymous files with no name in /dev/shm. The kernel frees one
 when its last descriptor and mapping are gone, so a peer that dies (even by SIGKILL) cannot leak
 one; each side closes its descriptors right after mapping and unmaps when the connection ends.
 
-CUDA: slots are CUDA tensors shared once through CUDA IPC (torch.multiprocessing.reductions); the
-receiver's decode kernel reads the sender's slot directly (one device-to-device copy). The sender
-synchronizes its current stream before posting a frame (the codec must write on it), the receiver
-synchronizes its device after on_frame before freeing the slot. CUDA IPC needs two processes;
-within one process use the local transport.
+CUDA: the ring is a CUDA tensor shared once through CUDA IPC (torch.multiprocessing.reductions);
+the receiver's decode kernel reads the sender's region directly (one device-to-device copy). The
+sender synchronizes its current stream before posting a frame (the codec must write on it), the
+receiver synchronizes its device after on_frame before freeing the region. CUDA IPC needs two
+processes; within one process use the local transport.
 
 Linux only (memfd_create, SCM_RIGHTS). The socket lives in a private (0700) directory; the
 peer is trusted (CUDA handles are pickled).
@@ -55,7 +55,7 @@ import socket
 import struct
 import tempfile
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -77,10 +77,10 @@ from kv_transfer.transport import Connection, Frame, FrameSink, TransportServer
 logger = logging.getLogger(__name__)
 
 SCHEME = "shm://"
-DEFAULT_SLOTS = 4
-DEFAULT_SLOT_BYTES = 32 << 20
+DEFAULT_RING_BYTES = 128 << 20
 DEFAULT_MAX_FRAME_BYTES = 1 << 30
-MAX_SLOTS = 64
+ALIGN = 256  # region offsets: a whole number of cache lines, and aligned for any dtype view or kernel
+_MAX_FDS = 4  # descriptors one control message may carry
 _LENGTH = struct.Struct("<I")
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # pre-fault the whole mapping at mmap time
 
@@ -112,7 +112,7 @@ class _Channel:
                     message = msgpack.unpackb(bytes(self._buffer[_LENGTH.size : end]))
                     del self._buffer[:end]
                     return message
-            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, MAX_SLOTS)
+            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 16, _MAX_FDS)
             self._fds.extend(fds)
             if not data:
                 raise EOFError("control socket closed")
@@ -183,44 +183,84 @@ def _resolve(device: torch.device | str) -> torch.device:
 
 
 class _Ring:
-    """The sender's bookkeeping of its slots: which are free, which are lent to a codec. A slot
-    is taken by payload_buffer or send and comes back when the receiver replies "free"."""
+    """The sender's bookkeeping of its ring buffer: live regions in the order they were taken.
 
-    def __init__(self, slots: list[torch.Tensor]) -> None:
-        self.slots = slots
-        self._free = list(range(len(slots)))  # a stack: the slot freed last is reused first (cache-hot)
-        self._lent: set[int] = set()
+    A region is taken by payload_buffer or send (ALIGN-rounded, contiguous, never split across the
+    end: when it does not fit before the end it starts again at 0) and comes back when the
+    receiver replies "free", or when a buffer lent by payload_buffer is given back unsent. Space is
+    reclaimed from the oldest region on, so a free region behind a live one waits for it."""
+
+    def __init__(self, buffer: torch.Tensor) -> None:
+        self.buffer = buffer
+        self.size = buffer.numel()
+        self._live: OrderedDict[int, list] = OrderedDict()  # offset -> [end, freed], oldest first
+        self._head = 0  # where the next region starts when it fits before the end
+        self._lent: dict[int, int] = {}  # offset -> end of regions lent by payload_buffer
         self._oneoff_free = True
         self.broken: str | None = None  # why the connection is unusable
         self._cond = threading.Condition()
 
-    def acquire(self, timeout: float, lend: bool = False) -> int:
+    def _place(self, nbytes: int) -> int | None:
+        """Where a region of `nbytes` (aligned) would start now, or None when there is no room."""
+        if not self._live:
+            return 0 if nbytes <= self.size else None
+        tail = next(iter(self._live))
+        if self._head > tail:  # live bytes are [tail, head): room after head, or before tail
+            if self.size - self._head >= nbytes:
+                return self._head
+            return 0 if tail >= nbytes else None
+        return self._head if tail - self._head >= nbytes else None  # live bytes wrap past the end
+
+    def acquire(self, nbytes: int, timeout: float, lend: bool = False) -> int:
+        """The offset of a fresh region of at least `nbytes` (<= size); waits for room."""
+        need = -(-nbytes // ALIGN) * ALIGN
+        placed: list[int] = []
+
+        def ready() -> bool:
+            if self.broken:
+                return True
+            offset = self._place(need)
+            if offset is not None:
+                placed.append(offset)
+            return offset is not None
+
         with self._cond:
-            if not self._cond.wait_for(lambda: self._free or self.broken, timeout):
-                raise TransferTimeoutError(f"no shared-memory slot came free within {timeout:g} s")
+            if not self._cond.wait_for(ready, timeout):
+                raise TransferTimeoutError(
+                    f"no room for {nbytes} bytes in the shared-memory ring within {timeout:g} s"
+                )
             if self.broken:
                 raise PeerDisconnectedError(self.broken)
-            slot = self._free.pop()
+            offset = placed[-1]
+            self._live[offset] = [offset + need, False]
+            self._head = offset + need
             if lend:
-                self._lent.add(slot)
-            return slot
+                self._lent[offset] = offset + need
+            return offset
 
-    def release(self, slot: int) -> None:
+    def release(self, offset: int) -> None:
         with self._cond:
-            self._free.append(slot)
-            self._cond.notify()
+            region = self._live.get(offset)
+            if region is None:
+                return
+            region[1] = True
+            while self._live and next(iter(self._live.values()))[1]:
+                self._live.popitem(last=False)
+            if not self._live:
+                self._head = 0  # empty: start again at the front, whose pages are warm
+            self._cond.notify_all()
 
     def take_lent(self, payload: torch.Tensor) -> tuple[int, int] | None:
-        """(slot, offset) when `payload` lies inside a slot lent by payload_buffer; the slot is then
-        no longer lent (it is about to be posted)."""
-        start = payload.data_ptr()
+        """(region, offset) when `payload` lies inside a region lent by payload_buffer; the region
+        is then no longer lent (it is about to be posted)."""
+        if payload.device != self.buffer.device:
+            return None
+        start = payload.data_ptr() - self.buffer.data_ptr()
         with self._cond:
-            for slot in self._lent:
-                base = self.slots[slot]
-                offset = start - base.data_ptr()
-                if base.device == payload.device and 0 <= offset <= base.numel() - payload.numel():
-                    self._lent.discard(slot)
-                    return slot, offset
+            for region, end in self._lent.items():
+                if region <= start and start + payload.numel() <= end:
+                    del self._lent[region]
+                    return region, start
         return None
 
     def acquire_oneoff(self, timeout: float) -> None:
@@ -255,24 +295,23 @@ class _Pending:
 
 
 class ShmConnection(Connection):
-    """The sending side. `device` is where the ring lives: "cpu" (memfd segments) or a CUDA device
-    (CUDA IPC). `slot_timeout` bounds how long payload_buffer/send wait for a free slot."""
+    """The sending side. `device` is where the ring lives: "cpu" (a memfd segment) or a CUDA device
+    (CUDA IPC). `ring_timeout` bounds how long payload_buffer/send wait for room in the ring."""
 
     def __init__(
         self,
         address: str,
-        slots: int = DEFAULT_SLOTS,
-        slot_bytes: int = DEFAULT_SLOT_BYTES,
+        ring_bytes: int = DEFAULT_RING_BYTES,
         device: torch.device | str = "cpu",
-        slot_timeout: float = 30.0,
+        ring_timeout: float = 30.0,
         connect_timeout: float = 10.0,
     ) -> None:
-        if not 1 <= slots <= MAX_SLOTS or slot_bytes < 1:
-            raise ValueError(f"need 1..{MAX_SLOTS} slots of at least 1 byte, got {slots} x {slot_bytes}")
+        if ring_bytes < ALIGN:
+            raise ValueError(f"the ring needs at least {ALIGN} bytes, got {ring_bytes}")
         self.address = address
         self._device = _resolve(device)
-        self._slot_bytes = slot_bytes
-        self._slot_timeout = slot_timeout
+        self._ring_bytes = ring_bytes
+        self._ring_timeout = ring_timeout
         self._mappings: list[mmap.mmap] = []
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
@@ -285,9 +324,9 @@ class ShmConnection(Connection):
             sock.close()
             raise PeerDisconnectedError(f"no KV transfer server at {address!r}: {exc}") from exc
         self._channel = _Channel(sock)
-        self._ring = _Ring([])
+        self._ring = _Ring(torch.empty(0, dtype=torch.uint8))
         try:
-            self._ring = _Ring(self._handshake(slots))
+            self._ring = _Ring(self._handshake())
         except TimeoutError as exc:
             self._release()
             raise TransferTimeoutError(f"the KV transfer server at {address!r} did not answer") from exc
@@ -298,33 +337,25 @@ class ShmConnection(Connection):
         self._reader = threading.Thread(target=self._read_replies, name="shm-kv-replies", daemon=True)
         self._reader.start()
 
-    def _handshake(self, num_slots: int) -> list[torch.Tensor]:
-        hello = ["hello", self._slot_bytes, self._device.type, num_slots]
+    def _handshake(self) -> torch.Tensor:
+        hello = ["hello", self._ring_bytes, self._device.type]
         if self._device.type == "cuda":
             from torch.multiprocessing.reductions import reduce_tensor
 
-            slots = [
-                torch.zeros(self._slot_bytes, dtype=torch.uint8, device=self._device)
-                for _ in range(num_slots)
-            ]
-            self._channel.send([*hello, [pickle.dumps(reduce_tensor(slot)) for slot in slots]])
+            ring = torch.zeros(self._ring_bytes, dtype=torch.uint8, device=self._device)
+            self._channel.send([*hello, pickle.dumps(reduce_tensor(ring))])
         else:
-            fds, slots = [], []
+            fd, mapping, ring = _new_segment(self._ring_bytes, "pdserve-kv-ring")
+            self._mappings.append(mapping)
             try:
-                for i in range(num_slots):
-                    fd, mapping, slot = _new_segment(self._slot_bytes, f"pdserve-kv-slot{i}")
-                    fds.append(fd)
-                    self._mappings.append(mapping)
-                    slots.append(slot)
-                self._channel.send([*hello, None], fds)
+                self._channel.send([*hello, None], [fd])
             finally:
-                for fd in fds:
-                    os.close(fd)
+                os.close(fd)
         reply = self._channel.recv()
         if reply[0] == "error":
             raise error_from_wire(reply[2], reply[3])
         self._max_frame_bytes = reply[1]
-        return slots
+        return ring
 
     def _read_replies(self) -> None:
         reason = f"the KV transfer server at {self.address!r} closed the connection"
@@ -372,12 +403,13 @@ class ShmConnection(Connection):
         return _resolve(device) == self._device
 
     def payload_buffer(self, nbytes: int, device: torch.device | str) -> torch.Tensor:
-        """A view of a free slot when the payload fits one on this connection's device (blocks
-        until a slot is free, TransferTimeoutError after slot_timeout); otherwise a plain tensor.
-        Every buffer handed out must be sent or given back with release_buffer."""
+        """A region of the ring when the payload fits it on this connection's device (blocks until
+        there is room, TransferTimeoutError after ring_timeout); otherwise a plain tensor. Every
+        buffer handed out must be sent or given back with release_buffer."""
         self._check_open()
-        if 0 < nbytes <= self._slot_bytes and self._same_device(torch.device(device)):
-            return self._ring.slots[self._ring.acquire(self._slot_timeout, lend=True)][:nbytes]
+        if 0 < nbytes <= self._ring_bytes and self._same_device(torch.device(device)):
+            offset = self._ring.acquire(nbytes, self._ring_timeout, lend=True)
+            return self._ring.buffer[offset : offset + nbytes]
         return super().payload_buffer(nbytes, torch.device(device))
 
     def release_buffer(self, buffer: torch.Tensor) -> None:
@@ -387,7 +419,7 @@ class ShmConnection(Connection):
 
     def send(self, frame: Frame) -> None:
         """Post a frame. A payload from payload_buffer is posted in place; any other payload is
-        copied into a free slot (or a one-off segment when larger than a slot)."""
+        copied into a fresh region (or a one-off segment when larger than the ring)."""
         self._check_open()
         request_id = peek_request_id(frame.header) or ""
         payload = frame.payload.reshape(-1)
@@ -398,23 +430,24 @@ class ShmConnection(Connection):
                 self._ring.release(lent[0])
             self._post(["frame", request_id, frame.header, None, 0, length])  # the receiver refuses it
             return
-        if lent is None and length > self._slot_bytes:
+        if lent is None and length > self._ring_bytes:
             self._send_oneoff(request_id, frame.header, payload)
             return
         if lent is None:
-            lent = self._ring.acquire(self._slot_timeout), 0
-            self._ring.slots[lent[0]][:length].copy_(payload)
+            offset = self._ring.acquire(length, self._ring_timeout)
+            self._ring.buffer[offset : offset + length].copy_(payload)
+            lent = offset, offset
         if self._device.type == "cuda":
-            torch.cuda.current_stream(self._device).synchronize()  # the slot is written before it is read
+            torch.cuda.current_stream(self._device).synchronize()  # written before it is read
         self._post(["frame", request_id, frame.header, lent[0], lent[1], length])
 
     def _send_oneoff(self, request_id: str, header: bytes, payload: torch.Tensor) -> None:
         if self._device.type == "cuda":
             raise FrameTooLargeError(
-                f"a {payload.numel()}-byte payload exceeds this CUDA connection's {self._slot_bytes}-byte "
-                "slots; raise slot_bytes"
+                f"a {payload.numel()}-byte payload exceeds this CUDA connection's {self._ring_bytes}-byte "
+                "ring; raise ring_bytes"
             )
-        self._ring.acquire_oneoff(self._slot_timeout)
+        self._ring.acquire_oneoff(self._ring_timeout)
         fd, mapping, view = _new_segment(payload.numel(), "pdserve-kv-oneoff")
         try:
             view.copy_(payload)
@@ -466,7 +499,7 @@ class ShmConnection(Connection):
     def _release(self) -> None:
         self._channel.close()
         self._ring.fail("this connection was closed")
-        self._ring.slots = []
+        self._ring.buffer = torch.empty(0, dtype=torch.uint8)
         _unmap(self._mappings)
 
 
@@ -476,7 +509,7 @@ class _ServerConnection:
     def __init__(self, server: ShmServer, channel: _Channel) -> None:
         self.server = server
         self.channel = channel
-        self.slots: list[torch.Tensor] = []
+        self.ring = torch.empty(0, dtype=torch.uint8)
         self.mappings: list[mmap.mmap] = []
         self.device = torch.device("cpu")
         self.endpoint = SinkEndpoint(server.sink, server.sink_lock)
@@ -507,7 +540,7 @@ class _ServerConnection:
             logger.exception("shared-memory KV connection failed")
             self._reply(["error", None, *error_to_wire(exc)])
         finally:
-            self.slots = []
+            self.ring = torch.empty(0, dtype=torch.uint8)
             _unmap(self.mappings)
             self.channel.close()
             self.endpoint.abort_open("server closed" if self.server.closing else "peer disconnected")
@@ -519,29 +552,28 @@ class _ServerConnection:
             logger.debug("reply %s not delivered: the sender is gone", message[0])
 
     def _accept_ring(self, hello: list) -> None:
-        kind, slot_bytes, device, num_slots, handles = hello
-        if kind != "hello" or not 1 <= num_slots <= MAX_SLOTS:
-            raise TransferError(f"expected a hello with 1..{MAX_SLOTS} slots, got {kind!r}")
+        if len(hello) != 4 or hello[0] != "hello" or not isinstance(hello[1], int) or hello[1] < ALIGN:
+            raise TransferError(
+                f"expected a hello naming a ring of at least {ALIGN} bytes, got {hello[:3]!r}"
+            )
+        _, ring_bytes, device, handle = hello
         if device == "cuda":
-            self.slots = [_rebuild_cuda(handle) for handle in handles]
-            self.device = self.slots[0].device
+            self.ring = _rebuild_cuda(handle)
+            self.device = self.ring.device
         else:
-            fds = self.channel.take_fds(num_slots)
+            (fd,) = self.channel.take_fds(1)
             try:
-                for fd in fds:
-                    mapping, slot = _map_fd(fd, slot_bytes)
-                    self.mappings.append(mapping)
-                    self.slots.append(slot)
+                mapping, self.ring = _map_fd(fd, ring_bytes)
+                self.mappings.append(mapping)
             finally:
-                for fd in fds:
-                    os.close(fd)
+                os.close(fd)
         self._reply(["ready", self.server.max_frame_bytes])
 
     def _frame(
         self,
         request_id: str,
         header: bytes,
-        slot: int | None,
+        region: int | None,
         offset: int,
         length: int,
         fd: int | None = None,
@@ -561,22 +593,17 @@ class _ServerConnection:
                 return
             if fd is not None:
                 mapping, payload = _map_fd(fd, length)
-            elif (
-                slot is not None
-                and 0 <= slot < len(self.slots)
-                and 0 <= offset
-                and offset + length <= self.slots[slot].numel()
-            ):
-                payload = self.slots[slot][offset : offset + length]
-            elif slot is None and length == 0:
+            elif region is not None and 0 <= offset and offset + length <= self.ring.numel():
+                payload = self.ring[offset : offset + length]
+            elif region is None and length == 0:
                 payload = torch.empty(0, dtype=torch.uint8, device=self.device)
             else:
                 raise TransferError(
-                    f"frame of {request_id!r} names no valid slot ({slot}, {offset}, {length})"
+                    f"frame of {request_id!r} names bytes outside the ring ({offset}, {length})"
                 )
             self.endpoint.frame(request_id, Frame(header, payload))
             if payload.is_cuda:
-                torch.cuda.synchronize(payload.device)  # the sink is done reading before the slot is freed
+                torch.cuda.synchronize(payload.device)  # the sink is done reading before its region is freed
         except TransferError as exc:
             self.endpoint.fail(request_id, exc)
         finally:

@@ -3,7 +3,7 @@ allocators, a KVReceiver behind the local transport, KVSenders connected to it) 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,6 +37,7 @@ class Rig:
     receiver: KVReceiver
     server: LocalServer
     clock: FakeClock
+    reserved: dict[str, list[int]] = field(default_factory=dict)  # the decode blocks of each request
 
     def sender(
         self, codec: str | CodecSpec = "none", connection: Connection | None = None, **kwargs
@@ -49,7 +50,7 @@ class Rig:
 
     def start(self, sender: KVSender, request_id: str = "r1", num_tokens: int = 40) -> list[int]:
         blocks = self.prefill_blocks.allocate(-(-num_tokens // BLOCK))
-        self.receiver.reserve(request_id, num_tokens)
+        self.reserved[request_id] = self.receiver.reserve(request_id, num_tokens)
         sender.start(request_id, blocks, self.connection)
         return blocks
 

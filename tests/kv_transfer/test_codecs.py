@@ -125,3 +125,56 @@ def test_device_checksum_catches_every_single_bit_flip():
     swapped = payload.clone()
     swapped[:8], swapped[8:16] = payload[8:16], payload[:8]
     assert payload_checksum(swapped, "sum64") != base
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_pieces_cover_the_payload_once_in_order_and_stream_its_checksum(codec, monkeypatch):
+    """The streaming checksum's contract: encode hands out every payload byte once, in order, after
+    writing it; decode hands out the same bytes before reading them; both digests equal the
+    one-shot checksum, and decoding with pieces writes what decoding without them does."""
+    import kernels.kv_quant as kv_quant
+    from kv_transfer.frame import StreamingChecksum, payload_checksum
+
+    monkeypatch.setattr(kv_quant, "PIECE_BYTES", 3 * T * H * D * 4)  # 3 blocks: several pieces per layer
+    cache = make_cache()
+    src, dst = [7, 2, 9, 0, 5, 11, 1], [3, 0, 8, 10, 6, 1, 2]
+    n = layer_nbytes(codec, len(src), T, H, D, cache.element_size()) * L
+    payload = torch.full((n,), 0xEE, dtype=torch.uint8)
+    written: list[tuple[int, bytes]] = []
+
+    def on_written(piece: torch.Tensor) -> None:
+        flat = piece.reshape(-1).view(torch.uint8)
+        written.append((flat.data_ptr() - payload.data_ptr(), flat.numpy().tobytes()))
+
+    encode_ref(cache, (0, L), torch.tensor(src), codec, payload, on_written)
+    offsets = [offset for offset, _ in written]
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+    assert b"".join(data for _, data in written) == payload.numpy().tobytes()  # final bytes, all of them
+    if codec == "none":
+        assert len(written) > 2 * L  # pieces, not whole layers
+
+    sent = StreamingChecksum()
+    for _, data in written:
+        sent.update(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    read = StreamingChecksum()
+    streamed, plain = torch.zeros_like(cache), torch.zeros_like(cache)
+    decode_ref(payload, streamed, (0, L), torch.tensor(dst), codec, read.update)
+    decode_ref(payload, plain, (0, L), torch.tensor(dst), codec)
+    assert sent.intdigest() == read.intdigest() == payload_checksum(payload, "xxh3_64")
+    assert torch.equal(streamed, plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scatter_blocks_matches_index_copy_on_every_path(dtype):
+    from kernels.kv_quant import scatter_blocks
+
+    cache = make_cache(dtype)
+    ids = torch.tensor([9, 0, 4, 11])
+    src = make_cache(dtype, seed=1)[0, 0, :4]
+    want = cache[1, 1].clone().index_copy_(0, ids, src)
+    fast = cache[1, 1].clone()
+    scatter_blocks(fast, ids, src)  # rows of whole int64 words: numpy's row copy
+    assert torch.equal(fast, want)
+    odd = torch.zeros(N, 3, 1, 1, dtype=dtype)  # 3-element rows are not whole words: index_copy_
+    scatter_blocks(odd, ids, torch.ones(4, 3, 1, 1, dtype=dtype))
+    assert odd[ids].eq(1).all() and odd.sum() == 12

@@ -21,9 +21,10 @@ from kv_transfer.errors import (
 )
 from kv_transfer.frame import decode_header, payload_checksum
 from kv_transfer.transport import Frame
-from kv_transfer.transports.shm import ShmConnection, ShmServer
+from kv_transfer.transports.shm import ALIGN, ShmConnection, ShmServer, _Ring
 
-SLOT = 64 << 10
+SLOT = 64 << 10  # the tests' rings hold two frames of this size
+RING = 2 * SLOT
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -91,7 +92,7 @@ def server(sink: RecordingSink):
 
 @pytest.fixture
 def conn(server: ShmServer):
-    conn = ShmConnection(server.address, slots=2, slot_bytes=SLOT, slot_timeout=0.5)
+    conn = ShmConnection(server.address, ring_bytes=RING, ring_timeout=0.5)
     yield conn
     conn.close()
 
@@ -106,7 +107,7 @@ def memfd_mappings() -> list[str]:
         return [line for line in maps if "memfd:pdserve-kv" in line]
 
 
-SIZES = [0, 1, 1000, SLOT - 1, SLOT, SLOT + 1, 3 * SLOT + 5]  # the last two exceed a slot
+SIZES = [0, 1, 1000, SLOT - 1, SLOT, RING, RING + 1, 3 * RING + 5]  # the last two exceed the ring
 
 
 def test_frames_of_every_size_arrive_identical_and_in_order(sink, conn):
@@ -120,25 +121,88 @@ def test_frames_of_every_size_arrive_identical_and_in_order(sink, conn):
     assert sink.events[-1] == ("end", "r", len(SIZES))
 
 
-def test_payload_buffer_is_a_ring_slot_written_in_place(sink, conn):
-    first = conn.payload_buffer(1000, torch.device("cpu"))
+def test_payload_buffer_is_a_ring_region_written_in_place(sink, conn):
+    first = conn.payload_buffer(SLOT, torch.device("cpu"))
     second = conn.payload_buffer(SLOT, "cpu")
-    with pytest.raises(TransferTimeoutError):  # both slots are lent: the ring is empty
+    with pytest.raises(TransferTimeoutError):  # both halves are lent: the ring is full
         conn.payload_buffer(10, "cpu")
-    first.copy_(pattern("z", 0, 1000))
+    first.copy_(pattern("z", 0, SLOT))
     second.copy_(pattern("z", 1, SLOT))
     conn.send(make_frame("z", 0, first))
     conn.send(make_frame("z", 1, second))
-    third = conn.payload_buffer(10, "cpu")  # a slot came back after the receiver consumed a frame
+    third = conn.payload_buffer(10, "cpu")  # room came back after the receiver consumed a frame
     assert third.data_ptr() in (first.data_ptr(), second.data_ptr())
     third.fill_(7)
     conn.send(make_frame("z", 2, third))
     conn.end("z", 3, timeout=10)
     frames = sink.frames("z")
-    assert torch.equal(frames[0][1], pattern("z", 0, 1000))
+    assert torch.equal(frames[0][1], pattern("z", 0, SLOT))
     assert torch.equal(frames[1][1], pattern("z", 1, SLOT))
     assert torch.equal(frames[2][1], torch.full((10,), 7, dtype=torch.uint8))
-    assert conn.payload_buffer(SLOT + 1, "cpu").numel() == SLOT + 1  # too big for a slot: a plain tensor
+    assert conn.payload_buffer(RING + 1, "cpu").numel() == RING + 1  # too big for the ring: a plain tensor
+
+
+def test_many_small_frames_are_in_flight_at_once(server, sink):
+    """The ring is shared by bytes, not by a fixed number of slots: with the receiver stalled,
+    a sender can still post as many layer-sized frames as the ring's bytes hold."""
+    server.sink.release_end = release = threading.Event()
+    conn = ShmConnection(server.address, ring_bytes=64 * 1024, ring_timeout=0.3)
+    try:
+        conn.send(make_frame("blocker", 0, pattern("blocker", 0, 10)))
+        ender = threading.Thread(target=conn.end, args=("blocker", 1, 10))
+        ender.start()
+        assert sink.in_end.wait(10)  # the receiver's only thread now waits in on_end
+        for i in range(60):  # 60 frames of 1,000 bytes (1,024 with alignment) fit in 64 KiB
+            buffer = conn.payload_buffer(1000, "cpu")
+            buffer.copy_(pattern("many", i, 1000))
+            conn.send(make_frame("many", i, buffer))
+        with pytest.raises(TransferTimeoutError, match="no room"):
+            conn.payload_buffer(8 * 1024, "cpu")
+        release.set()
+        ender.join(10)
+        conn.end("many", 60, timeout=10)
+        frames = sink.frames("many")
+        assert [i for i, _ in frames] == list(range(60))
+        assert all(torch.equal(p, pattern("many", i, 1000)) for i, p in frames)
+    finally:
+        release.set()
+        conn.close()
+
+
+def test_ring_wraps_and_reclaims_in_order():
+    ring = _Ring(torch.empty(8 * ALIGN, dtype=torch.uint8))
+    a = ring.acquire(3 * ALIGN, timeout=0)
+    b = ring.acquire(3 * ALIGN, timeout=0)
+    assert (a, b) == (0, 3 * ALIGN)
+    with pytest.raises(TransferTimeoutError):  # 2 aligned units left at the end: no room for 3
+        ring.acquire(3 * ALIGN, timeout=0)
+    ring.release(b)  # freed out of order: the space waits for the older region
+    with pytest.raises(TransferTimeoutError):
+        ring.acquire(3 * ALIGN, timeout=0)
+    ring.release(a)  # everything free: the ring starts again at the front
+    assert ring.acquire(ALIGN + 1, timeout=0) == 0  # rounded up to two units
+    c = ring.acquire(4 * ALIGN, timeout=0)
+    assert c == 2 * ALIGN
+    ring.release(0)
+    assert ring.acquire(2 * ALIGN, timeout=0) == 6 * ALIGN  # the end first, while it has room
+    assert ring.acquire(2 * ALIGN, timeout=0) == 0  # then wrap to the freed front
+    with pytest.raises(TransferTimeoutError):  # wrapped: the live region c bounds the room
+        ring.acquire(1, timeout=0)
+    ring.release(c)
+    assert ring.acquire(ALIGN, timeout=0) == 2 * ALIGN
+
+
+def test_ring_lends_regions_and_takes_them_back():
+    ring = _Ring(torch.zeros(4 * ALIGN, dtype=torch.uint8))
+    offset = ring.acquire(100, timeout=0, lend=True)
+    inside = ring.buffer[offset + 10 : offset + 50]
+    assert ring.take_lent(torch.zeros(5, dtype=torch.uint8)) is None  # not the ring's memory
+    assert ring.take_lent(inside) == (offset, offset + 10)
+    assert ring.take_lent(inside) is None  # taken once
+    ring.release(offset)
+    ring.fail("gone")
+    with pytest.raises(PeerDisconnectedError, match="gone"):
+        ring.acquire(1, timeout=1)
 
 
 def test_interleaved_requests_keep_their_order(sink, conn):
@@ -184,9 +248,9 @@ def test_end_times_out_when_the_ack_is_late(server, conn):
 
 
 def test_oversized_frame_fails_its_request_only(sink, server):
-    conn = ShmConnection(server.address, slots=2, slot_bytes=2 << 20)
+    conn = ShmConnection(server.address, ring_bytes=2 << 20)
     try:
-        conn.send(make_frame("huge", 0, pattern("huge", 0, 2 << 20)))  # fits a slot, over max_frame_bytes
+        conn.send(make_frame("huge", 0, pattern("huge", 0, 2 << 20)))  # fits the ring, over max_frame_bytes
         conn.send(make_frame("huge2", 0, pattern("huge2", 0, 3 << 20)))  # over both
         conn.send(make_frame("fine", 0, pattern("fine", 0, 1000)))
         with pytest.raises(FrameTooLargeError, match="exceeds"):
@@ -239,9 +303,9 @@ def test_server_close_fails_pending_and_later_calls(sink, server, conn):
 def test_close_leaves_no_shared_memory_behind(sink):
     before = shm_entries()
     server = ShmServer(sink)
-    conn = ShmConnection(server.address, slots=3, slot_bytes=SLOT)
-    assert len(memfd_mappings()) == 6  # three slots, mapped by each side
-    conn.send(make_frame("r", 0, pattern("r", 0, 2 * SLOT)))
+    conn = ShmConnection(server.address, ring_bytes=RING)
+    assert len(memfd_mappings()) == 2  # the ring, mapped by each side
+    conn.send(make_frame("r", 0, pattern("r", 0, 2 * RING)))
     conn.send(make_frame("open", 0, pattern("open", 0, 10)))
     conn.end("r", 1, timeout=10)
     conn.close()
@@ -256,7 +320,7 @@ def test_close_leaves_no_shared_memory_behind(sink):
 def _child_sender(address: str, device: str, report) -> None:
     """Runs in a spawned process: one complete request, then an open one, then waits to be killed."""
     try:
-        conn = ShmConnection(address, slots=2, slot_bytes=SLOT, device=device)
+        conn = ShmConnection(address, ring_bytes=RING, device=device)
         for i, size in enumerate(SIZES[:-2] if device != "cpu" else SIZES):
             buffer = conn.payload_buffer(size, torch.device(device))
             buffer.copy_(pattern("child", i, size))

@@ -122,7 +122,13 @@ def test_bad_frame_fails_the_transfer_and_frees_both_sides(rig, case):
     assert sender.state("r1") is SendState.FAILED
     outcome = rig.receiver.status("r1")
     assert outcome.state is ReceiveState.FAILED and isinstance(outcome.error, error)
-    assert torch.equal(rig.dst, before)  # nothing of a bad frame reaches the cache
+    if case == "checksum mismatch":
+        # Host payloads are checksummed as they are decoded (one pass over memory), so a corrupted
+        # one may reach the request's own reserved blocks, which its failure freed; never others.
+        others = [b for b in range(rig.dst.shape[2]) if b not in rig.reserved["r1"]]
+        assert torch.equal(rig.dst[:, :, others], before[:, :, others])
+    else:
+        assert torch.equal(rig.dst, before)  # checked before decoding: nothing reaches the cache
     rig.assert_nothing_held()
     # The receiver keeps serving: a clean transfer right after succeeds.
     sender = rig.sender()
