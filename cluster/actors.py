@@ -1,10 +1,12 @@
 """The pools' Ray actors: thin async shells around PrefillWorker and DecodeWorker. Each builds its
 instance from the deployment config when Ray starts (or restarts) it, and turns the worker's
-Futures and callbacks into awaitables and a streaming generator.
+Futures and callbacks into awaitables and a streaming generator. A colocated replica is a
+DecodeActor built in the colocated role: `submit` instead of reserve/start, the same chunk stream.
 
     controller ── PrefillActor.prefill(PrefillRequest) ──► PrefillResult (after decode acked the KV)
                ── DecodeActor.reserve(request, n)      ──► blocks held for the KV
                ── DecodeActor.start(request, ...)      ──► the request joins the running batch
+               ── DecodeActor.submit(request, ...)     ──► colocated: prefilled and decoded there
                ── DecodeActor.chunks()  (one stream)   ──► every request's [DecodeChunk, ...] per step
                ── *.abort(request), *.load(), *.info()
 """
@@ -20,7 +22,7 @@ import ray
 import torch
 
 from cluster.config import ClusterConfig
-from cluster.instance import build_decode, build_prefill
+from cluster.instance import build_colocated, build_decode, build_prefill
 from cluster.router import DecodeLoad, PrefillLoad
 from decode_worker.worker import DecodeChunk, DecodeWorker
 from engine.sampling_params import SamplingParams
@@ -86,15 +88,17 @@ class PrefillInstance:
 
 
 class DecodeInstance:
-    def __init__(self, config: ClusterConfig, name: str) -> None:
-        _setup_process(config.decode.cpus)
+    def __init__(self, config: ClusterConfig, name: str, role: str = "decode") -> None:
+        _setup_process(config.pools[role].cpus)
         self.name = name
         self._outbox: collections.deque[list[DecodeChunk]] = collections.deque()
         self._ready: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscriber = 0
-        host = ray.util.get_node_ip_address()
-        self.worker, self.servers = build_decode(config, self._emit, host=host)
+        if role == "colocated":
+            self.worker, self.servers = build_colocated(config, self._emit), {}
+        else:
+            self.worker, self.servers = build_decode(config, self._emit, host=ray.util.get_node_ip_address())
         self.worker.start_loop()
 
     def _bind(self) -> asyncio.Event:
@@ -126,6 +130,11 @@ class DecodeInstance:
         """Adopt a prefilled request; its chunks come through `chunks()`."""
         self._bind()
         await asyncio.wrap_future(self.worker.start(request_id, prompt_ids, first_token, first_text, params))
+
+    async def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Colocated: prefill and decode a fresh request here; its chunks come through `chunks()`."""
+        self._bind()
+        await asyncio.wrap_future(self.worker.submit(request_id, prompt_ids, params))
 
     async def chunks(self):
         """Every request's chunks, in step order, for the one subscriber (the controller): an item

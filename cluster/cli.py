@@ -140,8 +140,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = resolve(load_config(args.config), progress=lambda step: print(f"planning: {step}", flush=True))
     if config.placement.mode == "auto" or config.placement.plan:
-        p, d = config.prefill, config.decode
-        print(f"placement: {p.instances} prefill and {d.instances} decode instances", flush=True)
+        pools = " and ".join(f"{pool.instances} {role}" for role, pool in config.pools.items())
+        print(f"placement: {pools} instances", flush=True)
     asyncio.run(serve(config, grpc_port=args.grpc_port, http_port=args.http_port))
     return 0
 

@@ -4,6 +4,8 @@
     slo:          TTFT and TPOT targets and the fraction of requests that must meet both
     prefill:      the prefill pool (instances, tensor/pipeline parallel, token budget, chunk size)
     decode:       the decode pool (instances, tensor/pipeline parallel, max batch)
+    colocated:    the colocated baseline instead of the two pools: replicas that prefill and decode
+                  in one engine (chunked prefills mixed with decodes), batching as set above
     kv_transfer:  how KV moves from prefill to decode (transport, codec, lossless stage, layer-wise)
     server:       front ends (ports, auth token, queue bound, limits)
     placement:    who chose the pools above: `manual` (this file) or `auto` (the optimizer)
@@ -152,6 +154,29 @@ class DecodeSection:
 
 
 @dataclass(frozen=True)
+class ColocatedSection:
+    """`instances` > 0 runs that many colocated replicas behind the router instead of the prefill
+    and decode pools (the baseline disaggregation is measured against). Each replica's engine
+    batches with the settings a colocated plan simulates: the prefill section's token budget and
+    chunk size, the decode section's max batch and KV memory."""
+
+    instances: int = 0  # 0: disaggregated (the prefill and decode pools)
+    tp: int = 1
+    pp: int = 1
+    cpus: float = 1.0  # CPU cores reserved per replica
+
+    @property
+    def gpus_per_instance(self) -> int:
+        return self.tp * self.pp
+
+    def check(self) -> None:
+        _require(self.instances >= 0, "instances", f"must be >= 0 (0: disaggregated), got {self.instances}")
+        _require(_power_of_two(self.tp), "tp", f"tensor parallel must be a power of two >= 1, got {self.tp}")
+        _require(self.pp >= 1, "pp", f"pipeline parallel must be >= 1, got {self.pp}")
+        _require(self.cpus > 0, "cpus", f"must be > 0, got {self.cpus}")
+
+
+@dataclass(frozen=True)
 class KVTransferSection:
     transport: Literal["auto", "local", "shm", "grpc", "ray"] = "auto"  # auto: shm on a node, else grpc
     codec: Literal["none", "fp8", "int8", "int4"] = "none"
@@ -230,17 +255,28 @@ class ClusterConfig:
     slo: SLOSection = field(default_factory=SLOSection)
     prefill: PrefillSection = field(default_factory=PrefillSection)
     decode: DecodeSection = field(default_factory=DecodeSection)
+    colocated: ColocatedSection = field(default_factory=ColocatedSection)
     kv_transfer: KVTransferSection = field(default_factory=KVTransferSection)
     server: ServerSection = field(default_factory=ServerSection)
     placement: PlacementSection = field(default_factory=PlacementSection)
+
+    @property
+    def is_colocated(self) -> bool:
+        return self.colocated.instances > 0
+
+    @property
+    def pools(self) -> dict[str, PrefillSection | DecodeSection | ColocatedSection]:
+        """The pools `serve` starts, by role: colocated replicas, or prefill and decode."""
+        if self.is_colocated:
+            return {"colocated": self.colocated}
+        return {"prefill": self.prefill, "decode": self.decode}
 
     @property
     def num_gpus(self) -> int:
         """GPUs the pools ask for (0 on the CPU)."""
         if self.model.device == "cpu":
             return 0
-        pools = (self.prefill, self.decode)
-        return sum(pool.instances * pool.gpus_per_instance for pool in pools)
+        return sum(pool.instances * pool.gpus_per_instance for pool in self.pools.values())
 
     def check(self) -> None:
         """Rules that span sections."""
@@ -251,7 +287,7 @@ class ClusterConfig:
             f"the pools ask for {self.num_gpus} GPUs, more than the budget of {budget}",
         )
         if self.model.device == "cpu":
-            for pool in ("prefill", "decode"):
+            for pool in ("prefill", "decode", "colocated"):
                 section = getattr(self, pool)
                 _require(
                     section.gpus_per_instance == 1,

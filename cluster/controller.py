@@ -8,6 +8,8 @@ runs its life across the two instances, retrying on another instance when one di
       D.start(...) ──► the request's chunks every step ──► Delta events ──► Final      (TPOT)
         (each decode instance has one stream of every request's chunks, one item per step; a
         pump per instance hands each chunk to its request's inbox)
+    colocated replicas instead: the Router picks one, D.submit(request) ──► chunks as above, the
+      first token included (the replica prefills in chunks between its decode steps)
       an instance dies or a transfer fails: abort the attempt on both, replay prompt + the tokens
       already streamed on another pair (the client sees one continuous stream), at most
       `max_retries` times, then UNAVAILABLE
@@ -22,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 from ray.exceptions import RayActorError
@@ -36,7 +39,7 @@ from cluster.router import Router
 from cluster.validation import RequestValidator
 from engine.sampling_params import SamplingParams
 from kv_transfer.errors import TransferError
-from prefill_worker.worker import PrefillRequest
+from prefill_worker.worker import PrefillRequest, PrefillResult
 
 log = logging.getLogger(__name__)
 RETRIABLE = (RayActorError, TransferError, asyncio.TimeoutError, ConnectionError)
@@ -51,6 +54,11 @@ class Instance:
     healthy: bool = False
     inboxes: dict[str, asyncio.Queue] = field(default_factory=dict)  # decode: attempt -> its chunks
     pump: asyncio.Task | None = None  # decode: reads the instance's chunk stream
+
+    @property
+    def streams(self) -> bool:
+        """Decode instances and colocated replicas stream chunks."""
+        return self.role in ("decode", "colocated")
 
 
 class Controller:
@@ -96,7 +104,7 @@ class Controller:
 
     def is_healthy(self) -> bool:
         roles = {i.role for i in self.instances.values() if i.healthy}
-        return not self._draining and roles == {"prefill", "decode"}
+        return not self._draining and (roles == {"prefill", "decode"} or roles == {"colocated"})
 
     @property
     def num_requests(self) -> int:
@@ -130,7 +138,7 @@ class Controller:
 
     def _subscribe(self, instance: Instance) -> None:
         """Keep a pump on every live decode instance (a restarted actor gets a new one)."""
-        if instance.role == "decode" and instance.healthy and (instance.pump is None or instance.pump.done()):
+        if instance.streams and instance.healthy and (instance.pump is None or instance.pump.done()):
             instance.pump = asyncio.create_task(self._pump(instance), name=f"chunks-{instance.name}")
 
     async def _pump(self, instance: Instance) -> None:
@@ -161,6 +169,8 @@ class Controller:
             self.router.remove(instance.name)
         elif instance.role == "prefill":
             self.router.report_prefill(instance.name, report.load)
+        elif instance.role == "colocated":
+            self.router.report_colocated(instance.name, report.load)
         else:
             self.router.report_decode(instance.name, report.load)
         self.metrics.report_blocks(instance.name, instance.role, report.blocks_used, report.blocks_total)
@@ -276,55 +286,93 @@ class Controller:
         prefill, decode = await self._admit(len(ids), params.max_tokens, deadline)
         queued, done = True, False
         try:
-            try:
-                await decode.handle.reserve.remote(attempt_id, len(ids))
+            if decode.role == "colocated":  # one replica does both; the route names it twice
                 marks.setdefault("prefill_sent", time.monotonic())
-                request = PrefillRequest(attempt_id, tuple(ids), params, self._endpoint(prefill, decode))
-                result = await prefill.handle.prefill.remote(request)
-            except RayActorError:
-                self._mark_dead(prefill if not await _alive(prefill) else decode)
-                raise
-            marks.setdefault("queue_s", result.queue_s)
-            marks["prefill_s"] = marks.get("prefill_s", 0.0) + result.prefill_s
-            marks.setdefault("first_token", time.monotonic())
-            marks["transfer_s"] = marks.get("transfer_s", 0.0) + result.transfer_s
-            streamed.append(result.first_token)
-            yield Delta((result.first_token,), result.text, (result.logprob,) if result.logprob else None)
-            if result.finish_reason != "prefilled":
-                decode.handle.abort.remote(attempt_id)
-                done = True
-                yield Final(attempt_id, result.finish_reason, 0, 0, Timings(), result.error)
-                return
-            self.router.leave_queue()
-            queued = False
-            self._num_running += 1
-            decode.inboxes[attempt_id] = inbox = asyncio.Queue()
-            try:
-                await decode.handle.start.remote(attempt_id, ids, result.first_token, result.text, params)
-                while True:
-                    chunk = await inbox.get()
-                    if isinstance(chunk, BaseException):
-                        raise chunk
-                    if chunk.token_ids or chunk.text:
-                        streamed.extend(chunk.token_ids)
-                        yield Delta(chunk.token_ids, chunk.text, chunk.logprobs)
-                    if chunk.finish_reason is not None:
-                        done = True
-                        marks["last_token"] = time.monotonic()
-                        yield Final(attempt_id, chunk.finish_reason, 0, 0, Timings(), chunk.error)
-                        return
-            except RayActorError:
-                self._mark_dead(decode)
-                raise
-            finally:
-                self._num_running -= 1
-                del decode.inboxes[attempt_id]
+                self.router.leave_queue()  # at the replica now, in its engine's queue
+                queued = False
+                start = partial(decode.handle.submit.remote, attempt_id, ids, params)
+            else:
+                result = await self._prefill(prefill, decode, attempt_id, ids, params, marks)
+                streamed.append(result.first_token)
+                yield Delta((result.first_token,), result.text, (result.logprob,) if result.logprob else None)
+                if result.finish_reason != "prefilled":
+                    decode.handle.abort.remote(attempt_id)
+                    done = True
+                    yield Final(attempt_id, result.finish_reason, 0, 0, Timings(), result.error)
+                    return
+                self.router.leave_queue()
+                queued = False
+                start = partial(
+                    decode.handle.start.remote, attempt_id, ids, result.first_token, result.text, params
+                )
+            async for event in self._stream(decode, attempt_id, start, streamed, marks):
+                done = isinstance(event, Final)
+                yield event
         finally:
             if queued:
                 self.router.leave_queue()
             if not done:  # failed, or the client went away: free whatever either side holds
                 prefill.handle.abort.remote(attempt_id)
-                decode.handle.abort.remote(attempt_id)
+                if decode is not prefill:
+                    decode.handle.abort.remote(attempt_id)
+
+    async def _prefill(
+        self,
+        prefill: Instance,
+        decode: Instance,
+        attempt_id: str,
+        ids: list[int],
+        params: SamplingParams,
+        marks: dict[str, float],
+    ) -> PrefillResult:
+        """Reserve the decode side's blocks, prefill (the KV streams there), return the first token."""
+        try:
+            await decode.handle.reserve.remote(attempt_id, len(ids))
+            marks.setdefault("prefill_sent", time.monotonic())
+            request = PrefillRequest(attempt_id, tuple(ids), params, self._endpoint(prefill, decode))
+            result = await prefill.handle.prefill.remote(request)
+        except RayActorError:
+            self._mark_dead(prefill if not await _alive(prefill) else decode)
+            raise
+        marks.setdefault("queue_s", result.queue_s)
+        marks["prefill_s"] = marks.get("prefill_s", 0.0) + result.prefill_s
+        marks.setdefault("first_token", time.monotonic())
+        marks["transfer_s"] = marks.get("transfer_s", 0.0) + result.transfer_s
+        return result
+
+    async def _stream(
+        self,
+        instance: Instance,
+        attempt_id: str,
+        start: Callable[[], Awaitable[None]],
+        streamed: list[int],
+        marks: dict[str, float],
+    ) -> AsyncIterator[Delta | Final]:
+        """The attempt's chunks from a streaming instance: its inbox is registered, then `start()`
+        (the call that puts the request in its batch); a Delta per chunk with news, then the Final."""
+        self._num_running += 1
+        instance.inboxes[attempt_id] = inbox = asyncio.Queue()
+        try:
+            await start()
+            while True:
+                chunk = await inbox.get()
+                if isinstance(chunk, BaseException):
+                    raise chunk
+                if chunk.token_ids:
+                    marks.setdefault("first_token", time.monotonic())  # colocated: its first token
+                if chunk.token_ids or chunk.text:
+                    streamed.extend(chunk.token_ids)
+                    yield Delta(chunk.token_ids, chunk.text, chunk.logprobs)
+                if chunk.finish_reason is not None:
+                    marks["last_token"] = time.monotonic()
+                    yield Final(attempt_id, chunk.finish_reason, 0, 0, Timings(), chunk.error)
+                    return
+        except RayActorError:
+            self._mark_dead(instance)
+            raise
+        finally:
+            self._num_running -= 1
+            del instance.inboxes[attempt_id]
 
     def _final(
         self,

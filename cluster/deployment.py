@@ -1,7 +1,7 @@
-"""Starting the pools on Ray: one placement group per instance (STRICT_PACK: an instance never
-spans nodes; its bundle holds the CPUs and tp x pp GPUs it needs), one actor in each, restarted by
-Ray when it dies. Also joining the Ray cluster: RAY_ADDRESS, else the one `ray up` started on this
-node, else a new local one."""
+"""Starting the pools on Ray (prefill and decode, or colocated replicas): one placement group per
+instance (STRICT_PACK: an instance never spans nodes; its bundle holds the CPUs and tp x pp GPUs
+it needs), one actor in each, restarted by Ray when it dies. Also joining the Ray cluster:
+RAY_ADDRESS, else the one `ray up` started on this node, else a new local one."""
 
 from __future__ import annotations
 
@@ -35,8 +35,7 @@ def connect_ray(config: ClusterConfig) -> bool:
         return False
     except (ConnectionError, RuntimeError):
         pass
-    pools = (config.prefill, config.decode)
-    need = sum(p.instances * p.cpus for p in pools)
+    need = sum(p.instances * p.cpus for p in config.pools.values())
     ray.init(
         num_cpus=max(os.cpu_count() or 1, math.ceil(need)),
         num_gpus=config.num_gpus or None,
@@ -53,10 +52,9 @@ class Deployment:
         self._groups = []
 
     def start(self, timeout: float = 600.0) -> list[Instance]:
-        for role, actor_class, pool in (
-            ("prefill", PrefillActor, self.config.prefill),
-            ("decode", DecodeActor, self.config.decode),
-        ):
+        for role, pool in self.config.pools.items():
+            actor_class = PrefillActor if role == "prefill" else DecodeActor  # colocated: DecodeActor
+            role_arg = () if role == "prefill" else (role,)
             gpus = 0 if self.config.model.device == "cpu" else pool.gpus_per_instance
             for i in range(pool.instances):
                 bundle = {"CPU": pool.cpus, **({"GPU": gpus} if gpus else {})}
@@ -72,7 +70,7 @@ class Deployment:
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         group, placement_group_bundle_index=0
                     ),
-                ).remote(self.config, name)
+                ).remote(self.config, name, *role_arg)
                 self.instances.append(Instance(name, role, handle))
         ready = [g.ready() for g in self._groups]
         _, pending = ray.wait(ready, num_returns=len(ready), timeout=timeout)

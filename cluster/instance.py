@@ -1,5 +1,6 @@
 """Building one pool instance from the deployment config: its engine in the right role, its KV
-sender or receiver, and the transport servers a decode instance listens on. Plain functions, so
+sender or receiver, and the transport servers a decode instance listens on (a colocated replica
+is a decode worker whose engine prefills its own prompts, with no KV to receive). Plain functions, so
 the same instance runs inside a Ray actor (cluster/actors.py) or directly in a test."""
 
 from __future__ import annotations
@@ -115,3 +116,11 @@ def build_decode(
         options = {"host": host, "token": config.server.auth_token} if kind == "grpc" else {}
         servers[kind] = transports.serve(kind, receiver, **options)
     return DecodeWorker(engine, receiver, emit), servers
+
+
+def build_colocated(
+    config: ClusterConfig, emit: Callable[[list[DecodeChunk]], None], loaded: LoadedModel | None = None
+) -> DecodeWorker:
+    """A colocated replica: the engine prefills and decodes, every token streamed to `emit`."""
+    engine = LLMEngine(engine_config(config, "colocated"), loaded=loaded, role="colocated")
+    return DecodeWorker(engine, None, emit)

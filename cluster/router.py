@@ -3,6 +3,9 @@
     admit(request) ──► prefill: least pending prefill tokens (ties: fewest running requests)
                    ──► decode:  most free KV blocks that can hold the prompt (ties: lowest load)
                    ──► Overloaded when the waiting queue is at its bound, or nothing is healthy
+    colocated replicas instead of the two pools: one replica serves both phases, the one with the
+    least pending prompt tokens that can hold the request (ties: fewest running, most free KV);
+    the route names it twice. The placement simulator routes colocated instances the same way.
 
 Instances report their load (`report`); the router also counts what it sent since the last
 report, so a burst between reports spreads out instead of piling onto one instance. Any number
@@ -32,6 +35,7 @@ class DecodeLoad:
     running: int = 0  # sequences in its batch
     max_batch: int = 64
     healthy: bool = True
+    pending_tokens: int = 0  # colocated: prompt tokens admitted and not yet prefilled
 
     def can_hold(self, num_tokens: int) -> bool:
         has_room = self.free_blocks * self.block_size >= num_tokens
@@ -41,7 +45,7 @@ class DecodeLoad:
 @dataclass(frozen=True)
 class Route:
     prefill: str
-    decode: str
+    decode: str  # the same instance as prefill for a colocated replica
 
 
 @dataclass
@@ -49,6 +53,7 @@ class Router:
     max_waiting: int = 256  # requests admitted but not yet decoding, across the cluster
     prefill: dict[str, PrefillLoad] = field(default_factory=dict)
     decode: dict[str, DecodeLoad] = field(default_factory=dict)
+    colocated: dict[str, DecodeLoad] = field(default_factory=dict)
     waiting: int = 0
 
     def report_prefill(self, instance: str, load: PrefillLoad) -> None:
@@ -57,10 +62,15 @@ class Router:
     def report_decode(self, instance: str, load: DecodeLoad) -> None:
         self.decode[instance] = load
 
+    def report_colocated(self, instance: str, load: DecodeLoad) -> None:
+        self.colocated[instance] = load
+
     def remove(self, instance: str) -> None:
         """An instance died or is draining: route nothing more to it."""
         self.prefill.pop(instance, None)
         self.decode.pop(instance, None)
+        if instance in self.colocated:  # kept, so the router still knows it routes colocated
+            self.colocated[instance].healthy = False
 
     def admit(self, num_prompt_tokens: int, max_new_tokens: int) -> Route:
         """Pick the instances for a request and count it against their load; raises Overloaded."""
@@ -68,6 +78,8 @@ class Router:
             raise Overloaded(
                 f"{self.waiting} requests are waiting (the bound is {self.max_waiting}); retry later"
             )
+        if self.colocated:
+            return self._admit_colocated(num_prompt_tokens)
         prefills = [(name, load) for name, load in self.prefill.items() if load.healthy]
         if not prefills:
             raise Overloaded("no healthy prefill instance")
@@ -88,6 +100,24 @@ class Router:
         d_load.running += 1
         self.waiting += 1
         return Route(p_name, d_name)
+
+    def _admit_colocated(self, num_prompt_tokens: int) -> Route:
+        need = num_prompt_tokens + 1
+        fits = [(name, load) for name, load in self.colocated.items() if load.can_hold(need)]
+        if not fits:
+            raise Overloaded(
+                f"no colocated instance has room for {need} tokens of KV now; retry later"
+                if any(load.healthy for load in self.colocated.values())
+                else "no healthy colocated instance"
+            )
+        name, load = min(
+            fits, key=lambda item: (item[1].pending_tokens, item[1].running, -item[1].free_blocks, item[0])
+        )
+        load.pending_tokens += num_prompt_tokens
+        load.free_blocks -= -(-need // load.block_size)
+        load.running += 1
+        self.waiting += 1
+        return Route(name, name)
 
     def leave_queue(self) -> None:
         """A routed request started decoding, or failed or was cancelled before: it no longer waits."""

@@ -181,14 +181,9 @@ def load_plan(path: str | Path) -> dict[str, Any]:
 def apply_plan(config: ClusterConfig, chosen: dict[str, Any]) -> ClusterConfig:
     """The config with its pools and codec set to the plan's choice. Refuses what `serve` cannot
     run yet, with the reason."""
-    if chosen.get("colocated"):
-        raise PlacementError(
-            "the plan chose colocated instances (disaggregation does not pay for this workload); "
-            "pdserve serve runs disaggregated pools only: serve the best disaggregated row of the "
-            "plan's table, or a colocated engine"
-        )
+    roles = ("colocated",) if chosen.get("colocated") else ("prefill", "decode")
     pools = {}
-    for role in ("prefill", "decode"):
+    for role in roles:
         pool = chosen[role]
         if pool["tp"] * pool["pp"] > 1:
             raise PlacementError(
@@ -200,7 +195,9 @@ def apply_plan(config: ClusterConfig, chosen: dict[str, Any]) -> ClusterConfig:
             getattr(config, role), instances=pool["instances"], tp=pool["tp"], pp=pool["pp"]
         )
     kv = dataclasses.replace(config.kv_transfer, codec=chosen["codec"])
-    return dataclasses.replace(config, prefill=pools["prefill"], decode=pools["decode"], kv_transfer=kv)
+    if "colocated" not in pools:  # a disaggregated plan: no colocated replicas, whatever the file said
+        pools["colocated"] = dataclasses.replace(config.colocated, instances=0)
+    return dataclasses.replace(config, **pools, kv_transfer=kv)
 
 
 def resolve(config: ClusterConfig, progress: Callable[[str], None] | None = None) -> ClusterConfig:
@@ -216,6 +213,10 @@ def resolve(config: ClusterConfig, progress: Callable[[str], None] | None = None
 
 def configured(config: ClusterConfig) -> Candidate:
     """The config's own pools (as written, before any plan) as a candidate, to be simulated."""
+    if config.is_colocated:
+        c = config.colocated
+        replicas = PoolPlan(Parallelism(c.tp, c.pp), c.instances, math.nan)
+        return Candidate("colocated", None, None, replicas, config.kv_transfer.codec, math.nan)
     pools = {
         role: PoolPlan(Parallelism(pool.tp, pool.pp), pool.instances, math.nan)
         for role, pool in (("prefill", config.prefill), ("decode", config.decode))

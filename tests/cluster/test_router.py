@@ -76,3 +76,23 @@ def test_many_instances_per_pool():
     routes = {router.admit(64, 8) for _ in range(64)}
     assert {r.prefill for r in routes} == {f"p{i}" for i in range(8)}
     assert {r.decode for r in routes} == {f"d{i}" for i in range(16)}
+
+
+def test_colocated_replicas_serve_both_phases_least_pending_prompt_tokens_first():
+    router = Router()
+    router.report_colocated("c0", DecodeLoad(free_blocks=100, pending_tokens=900, running=1))
+    router.report_colocated("c1", DecodeLoad(free_blocks=100, pending_tokens=0, running=5))
+    router.report_colocated("c2", DecodeLoad(free_blocks=3, pending_tokens=0, running=0))  # 48 tokens
+    assert router.admit(100, 16) == Route("c1", "c1")  # c2 cannot hold 101 tokens of KV
+    assert router.colocated["c1"].pending_tokens == 100 and router.colocated["c1"].free_blocks == 93
+    routes = [router.admit(500, 16).prefill for _ in range(3)]  # counted between reports
+    assert routes == ["c1", "c1", "c0"]  # c1 reaches 1,100 pending tokens, past c0's 900
+    router.remove("c1")
+    router.remove("c0")
+    with pytest.raises(Overloaded, match="no colocated instance has room for 101"):
+        router.admit(100, 16)
+    router.remove("c2")
+    with pytest.raises(Overloaded, match="no healthy colocated instance"):
+        router.admit(10, 16)
+    router.report_colocated("c0", DecodeLoad(free_blocks=100))  # back after a restart
+    assert router.admit(10, 16) == Route("c0", "c0")

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cluster.config import config_from_dict
-from cluster.instance import build_decode, build_prefill
+from cluster.instance import build_colocated, build_decode, build_prefill
 from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
 from prefill_worker.worker import PrefillRequest
@@ -157,3 +157,59 @@ def test_one_emit_per_step_carries_every_running_request(pair):
     assert all(s.done.wait(10) and s.reason == "abort" for s in streams)
     assert {"m1", "m2"} in inbox.calls  # both requests' tokens of a step in one call
     assert_idle(pair)
+
+
+@pytest.fixture(scope="module")
+def colocated():
+    config = config_from_dict(
+        {
+            "model": {"name": "smollm2-135m", "dtype": "float32", "device": "cpu"},
+            "prefill": {"max_num_batched_tokens": 96, "chunk_size": 32},
+            "decode": {"max_batch": 8, "kv_cache_memory": "64MiB"},
+            "colocated": {"instances": 1},
+        }
+    )
+    inbox = Inbox()
+    worker = build_colocated(config, inbox, load_model("smollm2-135m", torch.float32, torch.device("cpu")))
+    worker.start_loop()
+    yield worker, inbox
+    worker.stop()
+
+
+def test_a_colocated_replica_streams_the_offline_engines_tokens_and_frees_everything(colocated, embedded_llm):
+    """The colocated baseline: prompts go straight into the replica, which prefills them in chunks
+    (chunk_size 32) between decode steps and streams every token, the first one included."""
+    worker, inbox = colocated
+    tok = embedded_llm.tokenizer
+    prompts = [tok.encode("The history of the printing press"), tok.encode("Hi") * 40]
+    expected = embedded_llm.generate(prompts, GREEDY, use_tqdm=False)
+    streams = [inbox.open(f"col{i}") for i in range(len(prompts))]
+    for i, prompt in enumerate(prompts):
+        worker.submit(f"col{i}", prompt, GREEDY).result(10)
+    for stream, want in zip(streams, expected, strict=True):
+        assert stream.done.wait(60)
+        assert stream.tokens == want.token_ids and stream.text == want.text and stream.reason == "length"
+
+    # Bad input fails its own request only; a cancelled one frees its blocks.
+    with pytest.raises(Exception, match="vocabulary|token"):
+        worker.submit("bad", [10**7], GREEDY).result(10)
+    long = inbox.open("long")
+    worker.submit(
+        "long", prompts[1], SamplingParams(temperature=0.0, max_tokens=2000, ignore_eos=True)
+    ).result(10)
+    while len(long.tokens) < 2:
+        assert not long.done.wait(0.01)
+    worker.abort("long").result(10)
+    assert long.done.wait(10) and long.reason == "abort"
+    alloc = worker.allocator
+    assert worker.loop.submit(lambda: alloc.num_free_blocks).result(10) == alloc.num_blocks
+    load = worker.load()
+    assert (load.running, load.pending_tokens) == (0, 0)
+    with pytest.raises(ValueError, match="colocated replica"):
+        worker.reserve("x", 10)
+
+
+def test_a_decode_worker_refuses_fresh_prompts(pair):
+    _, decode, _, _ = pair
+    with pytest.raises(ValueError, match="colocated replicas"):
+        decode.submit("x", [1, 2, 3], GREEDY)

@@ -62,7 +62,7 @@ def test_a_target_rate_sizes_the_pools_and_a_higher_rate_needs_more(as_high_as_p
     assert low.attainment >= 0.9
 
 
-def test_the_plan_file_round_trips_and_serve_refuses_what_it_cannot_run(tmp_path, as_high_as_possible):
+def test_the_plan_file_round_trips_and_serve_runs_what_it_can(tmp_path, as_high_as_possible):
     cfg, result = as_high_as_possible
     path = tmp_path / "plan.yaml"
     planning.save_plan(path, cfg, result)
@@ -73,11 +73,14 @@ def test_the_plan_file_round_trips_and_serve_refuses_what_it_cannot_run(tmp_path
     one_gpu["decode"] = {"instances": 3, "tp": 1, "pp": 1}
     applied = planning.apply_plan(cfg, one_gpu)
     assert (applied.prefill.instances, applied.decode.instances) == (2, 3)
+    assert list(applied.pools) == ["prefill", "decode"] and not applied.is_colocated
     assert applied.kv_transfer.codec == chosen["codec"]
     with pytest.raises(PlacementError, match="tp=2 pp=1.*not executable yet"):
         planning.apply_plan(cfg, {**one_gpu, "decode": {"instances": 1, "tp": 2, "pp": 1}})
-    with pytest.raises(PlacementError, match="colocated"):
-        planning.apply_plan(cfg, {**one_gpu, "colocated": {"instances": 4, "tp": 1, "pp": 1}})
+    colocated = planning.apply_plan(cfg, {**one_gpu, "colocated": {"instances": 4, "tp": 1, "pp": 1}})
+    assert list(colocated.pools) == ["colocated"] and colocated.colocated.instances == 4  # serve runs it
+    assert planning.configured(colocated).describe() == "colocated 4x" + str(planning.Parallelism(1, 1))
+    assert not planning.apply_plan(colocated, one_gpu).is_colocated  # a disaggregated plan replaces it
     (tmp_path / "bad.yaml").write_text("format: 7\n")
     with pytest.raises(PlacementError, match="not a pdserve plan file"):
         planning.load_plan(tmp_path / "bad.yaml")
