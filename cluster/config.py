@@ -98,11 +98,15 @@ class SLOSection:
         _require(0 < self.attainment <= 1, "attainment", f"must be in (0, 1], got {self.attainment}")
 
 
-def _check_parallelism(pool: PrefillSection | DecodeSection) -> None:
-    _require(pool.instances >= 1, "instances", f"must be >= 1, got {pool.instances}")
+def _check_parallelism(pool: PrefillSection | DecodeSection | ColocatedSection) -> None:
     _require(_power_of_two(pool.tp), "tp", f"tensor parallel must be a power of two >= 1, got {pool.tp}")
     _require(pool.pp >= 1, "pp", f"pipeline parallel must be >= 1, got {pool.pp}")
     _require(pool.cpus > 0, "cpus", f"must be > 0, got {pool.cpus}")
+
+
+def _check_pool(pool: PrefillSection | DecodeSection) -> None:
+    _require(pool.instances >= 1, "instances", f"must be >= 1, got {pool.instances}")
+    _check_parallelism(pool)
     _require(
         pool.kv_cache_memory is None or pool.kv_cache_memory > 0,
         "kv_cache_memory",
@@ -125,7 +129,7 @@ class PrefillSection:
         return self.tp * self.pp
 
     def check(self) -> None:
-        _check_parallelism(self)
+        _check_pool(self)
         _require(self.chunk_size >= 1, "chunk_size", f"must be >= 1, got {self.chunk_size}")
         _require(
             self.max_num_batched_tokens >= self.chunk_size,
@@ -149,7 +153,7 @@ class DecodeSection:
         return self.tp * self.pp
 
     def check(self) -> None:
-        _check_parallelism(self)
+        _check_pool(self)
         _require(self.max_batch >= 1, "max_batch", f"must be >= 1, got {self.max_batch}")
 
 
@@ -171,9 +175,7 @@ class ColocatedSection:
 
     def check(self) -> None:
         _require(self.instances >= 0, "instances", f"must be >= 0 (0: disaggregated), got {self.instances}")
-        _require(_power_of_two(self.tp), "tp", f"tensor parallel must be a power of two >= 1, got {self.tp}")
-        _require(self.pp >= 1, "pp", f"pipeline parallel must be >= 1, got {self.pp}")
-        _require(self.cpus > 0, "cpus", f"must be > 0, got {self.cpus}")
+        _check_parallelism(self)
 
 
 @dataclass(frozen=True)

@@ -154,9 +154,11 @@ def _layer_segments(
         yield layer, segment, split_segment(segment, codec, n, t, h, d, cache.dtype)
 
 
-def _pieces(num_blocks: int, block_bytes: int) -> Iterator[slice]:
-    """Runs of whole blocks of about PIECE_BYTES, in order."""
-    step = max(1, PIECE_BYTES // block_bytes)
+def _pieces(view: torch.Tensor, on_piece: OnPiece | None) -> Iterator[slice]:
+    """Runs of whole blocks of `view` ([n, t, h, d]) of about PIECE_BYTES, in order; all of it
+    at once when nobody watches the pieces."""
+    num_blocks = view.shape[0]
+    step = max(1, PIECE_BYTES // (view[0].numel() * view.element_size())) if on_piece else num_blocks
     for lo in range(0, num_blocks, step):
         yield slice(lo, min(lo + step, num_blocks))
 
@@ -194,13 +196,11 @@ def encode_ref(
     written: runs of about PIECE_BYTES for `none`, whole layer segments for the other codecs."""
     for layer, segment, views in _layer_segments(out, cache, layers, block_ids, codec):
         for kv, name in ((0, "k"), (1, "v")):
-            if codec == "none" and on_piece is None:  # gather straight into the payload: one copy
-                torch.index_select(cache[layer, kv], 0, block_ids, out=views[name])
-                continue
-            if codec == "none":
-                for piece in _pieces(block_ids.numel(), views[name][0].numel() * cache.element_size()):
+            if codec == "none":  # gather straight into the payload: one copy
+                for piece in _pieces(views[name], on_piece):
                     torch.index_select(cache[layer, kv], 0, block_ids[piece], out=views[name][piece])
-                    on_piece(views[name][piece])
+                    if on_piece is not None:
+                        on_piece(views[name][piece])
                 continue
             x = cache[layer, kv].index_select(0, block_ids)  # [n,t,h,d]
             if codec == "fp8":
@@ -233,14 +233,13 @@ def decode_ref(
         if codec != "none" and on_piece is not None:
             on_piece(segment)
         for kv, name in ((0, "k"), (1, "v")):
-            if codec == "none" and on_piece is not None:
-                for piece in _pieces(block_ids.numel(), views[name][0].numel() * cache.element_size()):
-                    on_piece(views[name][piece])
+            if codec == "none":
+                for piece in _pieces(views[name], on_piece):
+                    if on_piece is not None:
+                        on_piece(views[name][piece])
                     scatter_blocks(cache[layer, kv], block_ids[piece], views[name][piece])
                 continue
-            if codec == "none":
-                x = views[name]
-            elif codec == "fp8":
+            if codec == "fp8":
                 x = views[name].float() * views[f"{name}_scale"][:, None, :, None]
             else:
                 group_dim = 1 if name == "k" else 3

@@ -48,6 +48,11 @@ def cluster():
             "server": {"grpc_port": 0, "http_port": 0, "auth_token": TOKEN, "max_tokens_limit": 512},
         }
     )
+    yield from serving(config)
+
+
+def serving(config):
+    """A ClusterServer started on its own event-loop thread, yielded, then drained and stopped."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -276,6 +281,13 @@ def assert_replayed_or_unavailable(threads, results: dict[int, object], expected
 
 
 def test_killing_a_decode_actor_mid_stream_loses_no_request(cluster, stub, embedded_llm):
+    kill_mid_stream(cluster, stub, embedded_llm, "decode-0")  # Ray restarts it; streams move to decode-1
+
+
+def kill_mid_stream(server, stub, embedded_llm, victim_name: str) -> None:
+    """Four greedy streams; once each has its first token, kill `victim_name` (Ray restarts it).
+    Every stream ends replayed or UNAVAILABLE, some really were retried, the instance comes back
+    and no KV block is left held."""
     prompts = [f"{PROMPTS[i % 3]} (take {i})" for i in range(4)]
     n = 48
     expected = embedded_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
@@ -300,15 +312,15 @@ def test_killing_a_decode_actor_mid_stream_loses_no_request(cluster, stub, embed
     for t in threads:
         t.start()
     started.wait(120)
-    victim = cluster.controller.instances["decode-0"]
-    ray.kill(victim.handle, no_restart=False)  # Ray restarts it; its streams move to decode-1
+    victim = server.controller.instances[victim_name]
+    ray.kill(victim.handle, no_restart=False)
     assert_replayed_or_unavailable(threads, results, expected)
-    assert cluster.metrics.retries._value.get() >= 1  # some streams really were on the killed actor
+    assert server.metrics.retries._value.get() >= 1  # some streams really were on the killed actor
     deadline = time.monotonic() + 120
     while not victim.healthy and time.monotonic() < deadline:  # the pool recovers
         time.sleep(0.5)
     assert victim.healthy
-    assert not any(wait_idle(cluster).values())
+    assert not any(wait_idle(server).values())
 
 
 def test_past_the_queue_bound_requests_get_resource_exhausted_and_429(cluster, stub):

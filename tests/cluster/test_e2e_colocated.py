@@ -5,17 +5,13 @@ replica killed mid-stream loses no request and no KV block."""
 
 from __future__ import annotations
 
-import asyncio
 import threading
-import time
 
 import grpc
 import pytest
-import ray
-from test_e2e import AUTH, PROMPTS, assert_replayed_or_unavailable, grpc_generate, pb, pb_grpc, wait_idle
+from test_e2e import AUTH, PROMPTS, grpc_generate, kill_mid_stream, pb_grpc, serving, wait_idle
 
 from cluster.config import config_from_dict
-from cluster.serve import ClusterServer
 from engine.sampling_params import SamplingParams
 
 TOKEN = AUTH[0][1].removeprefix("Bearer ")
@@ -32,17 +28,7 @@ def replicas():
             "server": {"grpc_port": 0, "http_port": 0, "auth_token": TOKEN, "max_tokens_limit": 512},
         }
     )
-    loop = asyncio.new_event_loop()
-    thread = threading.Thread(target=loop.run_forever, daemon=True)
-    thread.start()
-    server = ClusterServer(config)
-    try:
-        asyncio.run_coroutine_threadsafe(server.start(), loop).result(600)
-        yield server
-    finally:
-        asyncio.run_coroutine_threadsafe(server.stop(drain_timeout=10), loop).result(120)
-        loop.call_soon_threadsafe(loop.stop)
-        thread.join(10)
+    yield from serving(config)
 
 
 @pytest.fixture(scope="module")
@@ -76,36 +62,4 @@ def test_replicas_give_the_offline_engines_greedy_tokens_side_by_side(replicas, 
 
 
 def test_killing_a_replica_mid_stream_loses_no_request(replicas, stub, embedded_llm):
-    prompts = [f"{PROMPTS[i % 3]} (take {i})" for i in range(4)]
-    n = 48
-    expected = embedded_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
-    results: dict[int, object] = {}
-    started = threading.Barrier(len(prompts) + 1)
-
-    def run(i: int) -> None:
-        sampling = pb.SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
-        call = stub.Generate(
-            pb.GenerateRequest(prompt=prompts[i], sampling=sampling), metadata=AUTH, timeout=300
-        )
-        ids = list(next(call).delta.token_ids)
-        started.wait()
-        try:
-            for response in call:
-                ids += response.delta.token_ids if response.HasField("delta") else []
-            results[i] = ids
-        except grpc.RpcError as exc:  # a clean failure is allowed; a hang is not
-            results[i] = exc
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    started.wait(120)
-    victim = replicas.controller.instances["colocated-0"]
-    ray.kill(victim.handle, no_restart=False)  # Ray restarts it; its streams replay on colocated-1
-    assert_replayed_or_unavailable(threads, results, expected)
-    assert replicas.metrics.retries._value.get() >= 1
-    deadline = time.monotonic() + 120
-    while not victim.healthy and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert victim.healthy
-    assert not any(wait_idle(replicas).values())
+    kill_mid_stream(replicas, stub, embedded_llm, "colocated-0")  # its streams replay on colocated-1
