@@ -34,6 +34,10 @@ class EngineConfig:
     max_model_len: int | None = None  # None = the model's own context
     seed: int = 0  # seeds dummy:<preset> random weights; sampling seeds are per request
     onednn_linear: bool = True  # CPU only: linear layers through oneDNN with packed weights
+    # Ranks of one engine (vLLM's names): tensor parallel splits heads and MLP over processes
+    # (one GPU each, or CPU processes sharing the cores); see engine/parallel.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         name = _DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -48,6 +52,15 @@ class EngineConfig:
         ):
             raise InvalidConfigError(
                 f"kv_cache_memory is a number of bytes (int), got {type(self.kv_cache_memory).__name__}"
+            )
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.pipeline_parallel_size > 1:
+            raise InvalidConfigError(
+                "pipeline_parallel_size > 1 is not supported yet (pipeline stages are still to be "
+                "built); use tensor_parallel_size to split a model over processes"
             )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")

@@ -58,10 +58,21 @@ def kv_budget_bytes(cache: CacheConfig, device: torch.device) -> int:
     return DEFAULT_CPU_CACHE_BYTES
 
 
+def num_blocks_for(model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device) -> int:
+    """How many blocks of `model`'s layout the budget holds."""
+    return kv_budget_bytes(cache, device) // block_bytes(model, cache.block_size, dtype)
+
+
 def allocate_kv_cache(
-    model: ModelConfig, cache: CacheConfig, dtype: torch.dtype, device: torch.device
+    model: ModelConfig,
+    cache: CacheConfig,
+    dtype: torch.dtype,
+    device: torch.device,
+    num_blocks: int | None = None,
 ) -> torch.Tensor:
-    num_blocks = kv_budget_bytes(cache, device) // block_bytes(model, cache.block_size, dtype)
+    """The cache for the budget, or for exactly `num_blocks` blocks when given."""
+    if num_blocks is None:
+        num_blocks = num_blocks_for(model, cache, dtype, device)
     if num_blocks < 1:
         raise InsufficientMemoryError(
             f"the KV budget of {kv_budget_bytes(cache, device)} bytes holds no block of "

@@ -34,6 +34,16 @@ class LLM:
         llm._attach(engine)
         return llm
 
+    def close(self) -> None:
+        """Stop the engine's tensor-parallel ranks, if any (also on leaving a `with` block)."""
+        self.engine.close()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def _attach(self, engine: LLMEngine) -> None:
         self.engine = engine
         self.tokenizer = engine.tokenizer

@@ -36,6 +36,7 @@ from engine.errors import (
 from engine.model_loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput, RequestTimeline
+from engine.parallel.ranks import TensorParallelRanks, load_rank
 from engine.sampler import SamplerOutput, make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
@@ -59,7 +60,16 @@ class LLMEngine:
         self.role = role
         self.config = config
         device = config.torch_device
-        loaded = loaded or load_model(config.model, config.torch_dtype, device, seed=config.seed)
+        self.ranks = None  # tensor parallel: ranks 1 .. N-1 (this process is rank 0)
+        if config.tensor_parallel_size > 1:
+            if loaded is not None:
+                raise ValueError("a tensor-parallel engine loads its own shards; do not pass `loaded`")
+            self.ranks = TensorParallelRanks(config)
+            loaded, num_blocks = load_rank(config, 0, config.tensor_parallel_size, self.ranks.group)
+            num_blocks = self.ranks.agree_num_blocks(num_blocks)
+        else:
+            loaded = loaded or load_model(config.model, config.torch_dtype, device, seed=config.seed)
+            num_blocks = None
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.max_model_len = min(
@@ -76,6 +86,8 @@ class LLMEngine:
             device,
             onednn_linear=config.onednn_linear,
             sample_vocab_size=self.vocab_size,
+            num_blocks=num_blocks,
+            fan_out=None if self.ranks is None else self.ranks.send,
         )
         self.scheduler = Scheduler(config.scheduler, self.runner.num_blocks, config.block_size)
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids) | frozenset(
@@ -202,6 +214,12 @@ class LLMEngine:
     def has_unfinished_requests(self) -> bool:
         """True while a step has something to do or an output to return."""
         return self.scheduler.has_unfinished() or bool(self._ready)
+
+    def close(self) -> None:
+        """Stop the tensor-parallel ranks (a no-op for a single-process engine); the engine cannot
+        step afterwards."""
+        if self.ranks is not None:
+            self.ranks.close()
 
     @property
     def num_free_blocks(self) -> int:

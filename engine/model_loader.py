@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +16,7 @@ from engine.loaders.gguf_loader import GGUFCheckpoint
 from engine.loaders.safetensors_loader import HFCheckpoint
 from engine.model_config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
+from engine.parallel.tensor_parallel import TPShard
 from engine.presets import PRESETS
 from engine.tokenizer import Tokenizer
 
@@ -70,14 +73,37 @@ class LoadedModel:
     tokenizer: Tokenizer | None
 
 
-def _fill_dummy(model: torch.nn.Module, seed: int) -> None:
-    gen = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):  # RMSNorm gains start at one
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
+def dummy_weights(
+    config: ModelConfig, seed: int, dtype: torch.dtype, device: torch.device
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Random Hugging Face-named tensors for `config`, one at a time: N(0, 0.02), norm gains one.
+    Each tensor is drawn from its own generator (seed and name), so a tensor-parallel rank that
+    keeps a slice sees the same values as a single process."""
+    h, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
+    shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
+    for i in range(config.num_layers):
+        p = f"model.layers.{i}"
+        shapes |= {
+            f"{p}.input_layernorm.weight": (h,),
+            f"{p}.post_attention_layernorm.weight": (h,),
+            f"{p}.self_attn.q_proj.weight": (q, h),
+            f"{p}.self_attn.k_proj.weight": (kv, h),
+            f"{p}.self_attn.v_proj.weight": (kv, h),
+            f"{p}.self_attn.o_proj.weight": (h, q),
+            f"{p}.mlp.gate_proj.weight": (f, h),
+            f"{p}.mlp.up_proj.weight": (f, h),
+            f"{p}.mlp.down_proj.weight": (h, f),
+        }
+        if config.qkv_bias:
+            shapes |= {f"{p}.self_attn.{n}_proj.bias": (s,) for n, s in (("q", q), ("k", kv), ("v", kv))}
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, h)
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            yield name, torch.ones(shape, dtype=dtype, device=device)
+            continue
+        gen = torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+        yield name, torch.empty(shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=gen)
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -105,21 +131,27 @@ def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: torch.dev
         )
 
 
-def load_model(model: str, dtype: torch.dtype, device: torch.device, seed: int = 0) -> LoadedModel:
+def load_model(
+    model: str, dtype: torch.dtype, device: torch.device, seed: int = 0, tp: tuple[int, int] = (0, 1)
+) -> LoadedModel:
+    """The model with its weights (random ones for dummy:<preset>, from `seed`). `tp` = (rank,
+    size): build and fill only that tensor-parallel rank's part (engine.parallel), streaming the
+    checkpoint one tensor at a time; `config` stays the whole model's."""
     source = resolve_checkpoint(model)
     config = source if isinstance(source, ModelConfig) else source.config
-    check_weights_fit(config, dtype, device)
+    shard = TPShard(config, *tp)
+    check_weights_fit(shard.config, dtype, device)
     with torch.device("meta"):
-        net = LlamaForCausalLM(config)
+        net = LlamaForCausalLM(shard.config)
     net = net.to(dtype).to_empty(device=device)
     net.tie_weights()
     if isinstance(source, ModelConfig):
-        _fill_dummy(net, seed)
-        return LoadedModel(net.eval(), config, None)
-    tokenizer = source.tokenizer()
-    total = source.num_tensors
+        weights, total, tokenizer = dummy_weights(config, seed, dtype, device), None, None
+    else:
+        weights, total, tokenizer = source.weights(), source.num_tensors, source.tokenizer()
+    where = f" (tensor-parallel rank {tp[0]} of {tp[1]})" if tp[1] > 1 else ""
     weights = tqdm(
-        source.weights(), total=total, desc=f"loading {model}", unit="tensor", delay=1.0, leave=False
+        weights, total=total, desc=f"loading {model}{where}", unit="tensor", delay=1.0, leave=False
     )
-    net.load_weights(weights)
+    net.load_weights(shard.weights(weights))
     return LoadedModel(net.eval(), config, tokenizer)

@@ -36,8 +36,12 @@ class ModelRunner:
         device: torch.device,
         onednn_linear: bool = True,
         sample_vocab_size: int | None = None,
+        num_blocks: int | None = None,
+        fan_out: Callable[[StepInputs], None] | None = None,
     ) -> None:
-        """`sample_vocab_size` limits sampling to the first ids (those the tokenizer can spell)."""
+        """`sample_vocab_size` limits sampling to the first ids (those the tokenizer can spell).
+        Tensor parallel (engine.parallel): `num_blocks` sizes the cache the same on every rank,
+        and rank 0's `fan_out` hands each step's inputs to the other ranks before it runs them."""
         if device.type == "cpu":
             keep_freed_memory()  # a step's temporaries stay mapped between steps
             if onednn_linear:
@@ -47,7 +51,8 @@ class ModelRunner:
         self.device = device
         self.block_size = cache_config.block_size
         dtype = next(model.parameters()).dtype
-        self.kv_cache = allocate_kv_cache(self.config, cache_config, dtype, device)
+        self.kv_cache = allocate_kv_cache(self.config, cache_config, dtype, device, num_blocks)
+        self.fan_out = fan_out
         self._layer_caches = [
             (self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.config.num_layers)
         ]
@@ -136,23 +141,28 @@ class ModelRunner:
         """Logits [S, vocab] (float32) for the chunks that end their sequence, in chunk order.
         `on_layer_stored(layer)` runs as each layer's K/V land in the cache (layer-wise KV transfer)."""
         inputs = self.prepare(chunks)
-        if on_layer_stored is not None:
-            inputs = dataclasses.replace(
-                inputs, metadata=dataclasses.replace(inputs.metadata, on_layer_stored=on_layer_stored)
-            )
-        self._bind_cache()
-        with forward_context(inputs.metadata):
-            hidden = self.model(inputs.input_ids, inputs.positions)
+        hidden = self.forward(inputs, on_layer_stored)
         return self.model.compute_logits(hidden[inputs.sample_rows]).float()
 
     @torch.inference_mode()
     def compute_all_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits [T, vocab] (float32) at every token the chunks compute (perplexity evaluation)."""
-        inputs = self.prepare(chunks)
+        return self.model.compute_logits(self.forward(self.prepare(chunks))).float()
+
+    @torch.inference_mode()
+    def forward(
+        self, inputs: StepInputs, on_layer_stored: Callable[[int], None] | None = None
+    ) -> torch.Tensor:
+        """The model over one step's inputs: hidden states [T, hidden], K/V stored in the cache.
+        Tensor-parallel ranks other than 0 call only this, with rank 0's inputs."""
+        if self.fan_out is not None:
+            self.fan_out(inputs)
+        metadata = inputs.metadata
+        if on_layer_stored is not None:
+            metadata = dataclasses.replace(metadata, on_layer_stored=on_layer_stored)
         self._bind_cache()
-        with forward_context(inputs.metadata):
-            hidden = self.model(inputs.input_ids, inputs.positions)
-        return self.model.compute_logits(hidden).float()
+        with forward_context(metadata):
+            return self.model(inputs.input_ids, inputs.positions)
 
     def execute(
         self, chunks: list[ScheduledChunk], on_layer_stored: Callable[[int], None] | None = None

@@ -1,0 +1,1 @@
+"""Parallel execution inside one engine instance (tensor parallelism, applied from outside the model)."""
