@@ -17,7 +17,7 @@ import asyncio
 import math
 import random
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
@@ -27,7 +27,14 @@ from tqdm.auto import tqdm
 from kv_transfer.stubs import load as load_stubs
 from placement.errors import PlacementError
 from placement.simulator import RequestResult
-from placement.workload import RequestSpec, at_rate, load_trace, poisson_requests, workload_preset
+from placement.workload import (
+    RequestSpec,
+    at_rate,
+    load_trace,
+    poisson_requests,
+    scale_lengths,
+    workload_preset,
+)
 
 PROMPT_IDS = (100, 10_000)  # random prompt tokens come from this id range (every real vocabulary has it)
 
@@ -138,7 +145,7 @@ class Traffic:
     def _trace(self) -> list[RequestSpec] | None:
         """The trace's requests with scaled lengths, read once; None for a preset."""
         if Path(self.workload).suffix in (".jsonl", ".json") or Path(self.workload).is_file():
-            return [self._scaled(r) for r in load_trace(self.workload)]
+            return scale_lengths(load_trace(self.workload), self.length_scale, self.max_total_len)
         return None
 
     def at(self, rate: float) -> list[RequestSpec]:
@@ -152,11 +159,3 @@ class Traffic:
         if not requests:
             raise PlacementError(f"no requests arrive within {self.duration} s at {rate:g} req/s")
         return requests
-
-    def _scaled(self, request: RequestSpec) -> RequestSpec:
-        input_len = max(1, round(request.input_len * self.length_scale))
-        output_len = max(1, round(request.output_len * self.length_scale))
-        if self.max_total_len is not None:
-            input_len = min(input_len, self.max_total_len - 1)
-            output_len = min(output_len, self.max_total_len - input_len)
-        return replace(request, input_len=input_len, output_len=output_len)

@@ -67,11 +67,14 @@ class BenchSession:
         for rate in sorted(rates):
             self.run(rate)
 
-    def goodput(self, first_guess: float, steps: int) -> float:
+    def goodput(self, first_guess: float, steps: int, growth: float = 2.0) -> float:
         """Bisect over rate for the highest one meeting the attainment target (each probe a run)."""
         slo = self.report.slo
         self.report.goodput = bisect_goodput(
-            lambda rate: attainment(self.run(rate).measured, slo) >= slo.attainment, first_guess, steps
+            lambda rate: attainment(self.run(rate).measured, slo) >= slo.attainment,
+            first_guess,
+            steps,
+            growth=growth,
         )
         return self.report.goodput
 

@@ -207,7 +207,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.workload or config.placement.trace or config.placement.workload,
         num_requests=args.num_requests,
         duration=args.duration,
-        length_scale=args.length_scale,
+        length_scale=args.length_scale or config.placement.length_scale,
         seed=args.seed,
         max_total_len=min(config.model.max_model_len or model.max_model_len, model.max_model_len),
     )
@@ -296,7 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--steps", type=int, default=3, help="bisection steps of --goodput (default: 3)")
     bench.add_argument("--num-requests", type=int, default=200, help="requests per rate (default: 200)")
     bench.add_argument("--duration", type=float, default=None, help="seconds of arrivals per rate at most")
-    bench.add_argument("--length-scale", type=float, default=1.0, help="input and output lengths times this")
+    bench.add_argument(
+        "--length-scale",
+        type=float,
+        default=None,
+        help="input and output lengths times this (default: placement.length_scale, 1)",
+    )
     bench.add_argument("--seed", type=int, default=0, help="arrivals, lengths and prompt tokens")
     bench.add_argument(
         "--predict", action="store_true", help="also simulate the same requests (placement model)"

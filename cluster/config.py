@@ -19,6 +19,7 @@ out take the defaults below, which describe the local CPU deployment (configs/lo
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -233,6 +234,9 @@ class PlacementSection:
     # The traffic: a preset (chatbot | code | summarization) or a JSON-lines trace, at `rate`.
     workload: str = "chatbot"
     trace: str | None = None
+    # Input and output lengths times this (the preset's or the trace's), for hardware too slow or
+    # fast for the real lengths; `pdserve bench --length-scale` sends the same scaled traffic.
+    length_scale: float = 1.0
     rate: float | None = None  # requests/s to plan for; None: as high as the GPU budget allows
     codecs: tuple[str, ...] = ()  # KV codecs the search may pick; empty: kv_transfer.codec only
     profile: str | None = None  # a `pdserve profile` file; it replaces the roofline on its hardware
@@ -245,6 +249,11 @@ class PlacementSection:
         _require(self.gpus_per_node >= 1, "gpus_per_node", f"must be >= 1, got {self.gpus_per_node}")
         _require(self.inter_node_bandwidth > 0, "inter_node_bandwidth", "must be a positive size per second")
         _require(self.rate is None or self.rate > 0, "rate", f"must be > 0 requests/s, got {self.rate}")
+        _require(
+            math.isfinite(self.length_scale) and self.length_scale > 0,
+            "length_scale",
+            f"must be a positive number, got {self.length_scale}",
+        )
         codecs = ("none", "fp8", "int8", "int4")
         unknown = [c for c in self.codecs if c not in codecs]
         _require(not unknown, "codecs", f"unknown codec {unknown[:1]}; allowed: {', '.join(codecs)}")

@@ -31,7 +31,14 @@ from placement.hardware import ClusterSpec, gpu_spec
 from placement.planner import Candidate, Parallelism, Planner, PoolPlan, SearchResult, SearchSpace
 from placement.profiler import Profile
 from placement.simulator import SLO, RequestResult, Simulator
-from placement.workload import RequestSpec, at_rate, load_trace, poisson_requests, workload_preset
+from placement.workload import (
+    RequestSpec,
+    at_rate,
+    load_trace,
+    poisson_requests,
+    scale_lengths,
+    workload_preset,
+)
 
 PLAN_FORMAT = 1
 SAME_NODE_TRANSPORTS = ("local", "shm")  # KV moves inside a node (the others may cross nodes)
@@ -51,7 +58,7 @@ def search_space(config: ClusterConfig) -> SearchSpace:
     )
     max_len = min(config.model.max_model_len or model.max_model_len, model.max_model_len)
     if placement.trace is not None:
-        requests = load_trace(placement.trace)
+        requests = scale_lengths(load_trace(placement.trace), placement.length_scale)
         too_long = [i for i, r in enumerate(requests) if r.input_len + r.output_len > max_len]
         if too_long:
             raise PlacementError(
@@ -60,7 +67,7 @@ def search_space(config: ClusterConfig) -> SearchSpace:
             )
         requests = at_rate(requests, 1.0)
     else:
-        workload = workload_preset(placement.workload)
+        workload = workload_preset(placement.workload).scaled(placement.length_scale)
         requests = poisson_requests(workload, 1.0, placement.num_requests, placement.seed, max_len)
     slo = config.slo
     kv_memory = {"prefill": config.prefill.kv_cache_memory, "decode": config.decode.kv_cache_memory}

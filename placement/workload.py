@@ -224,6 +224,24 @@ def _mean_rate(requests: list[RequestSpec]) -> float:
     return len(requests) / duration if duration > 0 else math.inf
 
 
+def scale_lengths(
+    requests: list[RequestSpec], factor: float, max_total_len: int | None = None
+) -> list[RequestSpec]:
+    """The same requests (arrivals unchanged) with input and output lengths times `factor`, at
+    least 1 each, clipped so input + output <= `max_total_len` when given."""
+    if not (math.isfinite(factor) and factor > 0):
+        raise PlacementError(f"length scale must be a positive number, got {factor!r}")
+    scaled = []
+    for r in requests:
+        input_len = max(1, round(r.input_len * factor))
+        output_len = max(1, round(r.output_len * factor))
+        if max_total_len is not None:
+            input_len = min(input_len, max_total_len - 1)
+            output_len = min(output_len, max_total_len - input_len)
+        scaled.append(replace(r, input_len=input_len, output_len=output_len))
+    return scaled
+
+
 def at_rate(requests: list[RequestSpec], rate: float) -> list[RequestSpec]:
     """The same requests with arrival times scaled so that their mean rate is `rate` req/s."""
     if not (math.isfinite(rate) and rate > 0):

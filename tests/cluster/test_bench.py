@@ -233,6 +233,18 @@ def test_bisection_brackets_then_narrows_to_the_threshold(threshold):
     assert meets(found)
 
 
+def test_a_smaller_growth_brackets_a_good_first_guess_in_fewer_probes():
+    def probes(growth: float) -> list[float]:
+        tried: list[float] = []
+        bisect_goodput(lambda rate: tried.append(rate) or rate <= 1.2, 1.0, steps=2, growth=growth)
+        return tried
+
+    assert probes(1.5)[:2] == [1.0, 1.5]  # passes at the guess, fails one growth step above
+    assert max(probes(1.5)) < max(probes(2.0))  # never probes as far past the knee
+    with pytest.raises(ValueError, match="growth must be > 1"):
+        bisect_goodput(lambda rate: True, 1.0, growth=1.0)
+
+
 def test_bisection_gives_zero_when_nothing_passes():
     assert bisect_goodput(lambda rate: False, first_guess=1.0, max_halvings=4) == 0.0
     with pytest.raises(ValueError):

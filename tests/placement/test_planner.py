@@ -98,6 +98,22 @@ def test_weights_that_fit_no_device_say_so():
         planning.plan(cfg)
 
 
+def test_placement_length_scale_scales_the_planned_workload(tmp_path):
+    full = planning.search_space(config())
+    half = planning.search_space(config(length_scale=0.5))
+    mean = lambda space, key: sum(getattr(r, key) for r in space.requests) / len(space.requests)  # noqa: E731
+    for key in ("input_len", "output_len"):
+        assert mean(half, key) == pytest.approx(mean(full, key) / 2, rel=0.05)
+    trace = tmp_path / "long.jsonl"  # longer than the context unscaled, inside it at a quarter
+    trace.write_text('{"arrival_time": 1, "input_len": 200000, "output_len": 100}\n')
+    with pytest.raises(PlacementError, match="more tokens than the model's context"):
+        planning.search_space(config(trace=str(trace)))
+    (request,) = planning.search_space(config(trace=str(trace), length_scale=0.25)).requests
+    assert (request.input_len, request.output_len) == (50000, 25)
+    with pytest.raises(Exception, match="placement.length_scale: must be a positive number"):
+        config(length_scale=-1)
+
+
 def test_slos_no_configuration_meets_say_which():
     cfg = replace(config(), slo=replace(config().slo, ttft_ms=0.5))
     with pytest.raises(PlacementError, match="no configuration meets TTFT <= 0.5 ms"):

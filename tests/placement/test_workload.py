@@ -16,6 +16,7 @@ from placement.workload import (
     at_rate,
     load_trace,
     poisson_requests,
+    scale_lengths,
     trace_statistics,
     workload_preset,
 )
@@ -213,6 +214,18 @@ def test_at_rate_rescales_arrivals():
         at_rate(requests, 0.0)
     with pytest.raises(PlacementError, match="all arrive at t = 0"):
         at_rate([RequestSpec(0.0, 3, 4), RequestSpec(0.0, 5, 6)], 1.0)
+
+
+def test_scale_lengths_keeps_arrivals_and_clips_to_the_context():
+    requests = [RequestSpec(0.5, 100, 40), RequestSpec(1.0, 3, 1), RequestSpec(2.0, 900, 300)]
+    half = scale_lengths(requests, 0.5, max_total_len=400)
+    assert [(r.arrival, r.input_len, r.output_len) for r in half] == [
+        (0.5, 50, 20),
+        (1.0, 2, 1),  # at least one token each
+        (2.0, 399, 1),  # 450 + 150 clipped to the 400-token context
+    ]
+    with pytest.raises(PlacementError, match="length scale must be a positive number"):
+        scale_lengths(requests, 0.0)
 
 
 def test_trace_statistics():
