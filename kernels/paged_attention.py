@@ -15,13 +15,52 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 
+# A quantized cache's codes (fp8 e4m3 or int8) and their largest magnitude; such a cache carries one
+# float32 scale per slot and head, `k_scale`, `v_scale` [num_blocks, block_size, KVH]: value = code * scale.
+KV_CACHE_QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
+TINY = 1e-12  # floor for scales, so an all-zero row quantizes to zeros
+
+
+def quantize_kv_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, KVH, D] -> codes [T, KVH, D] of `dtype` and scales [T, KVH] (float32): absmax / qmax per
+    (token, head), so a token stored later never rescales the ones before it."""
+    qmax = KV_CACHE_QMAX[dtype]
+    x = x.float()
+    scale = x.abs().amax(-1).clamp_min(TINY) / qmax
+    y = x / scale[..., None]
+    codes = y.to(dtype) if dtype == torch.float8_e4m3fn else torch.floor(y + 0.5).clamp(-qmax, qmax).to(dtype)
+    return codes, scale
+
+
+def dequantize_kv(cache: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+    """A layer's K or V cache as values: float32 from codes and scales, or the cache itself."""
+    if scale is None:
+        return cache
+    return cache.float() * scale[..., None]
+
 
 def store_kv(
-    k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Write new keys/values into their slots.  k, v: [T, KVH, D]; slot_mapping: [T] int64."""
-    k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
-    v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    """Write new keys/values into their slots.  k, v: [T, KVH, D]; slot_mapping: [T] int64, where -1
+    marks a padded row that writes nothing. A quantized cache (with scales) gets codes and scales."""
+    if k_cache.device.type == "cpu" and bool((slot_mapping < 0).any()):  # the Triton kernel skips them
+        keep = slot_mapping >= 0
+        slot_mapping, k, v = slot_mapping[keep], k[keep], v[keep]
+    for cache, scales, x in ((k_cache, k_scale, k), (v_cache, v_scale, v)):
+        if scales is not None:
+            x, row_scales = quantize_kv_rows(x, cache.dtype)
+            scales.view(-1, scales.shape[-1]).index_copy_(0, slot_mapping, row_scales)
+        x = x.to(cache.dtype)
+        if cache.dtype == torch.float8_e4m3fn:  # index_copy_ has no float8 kernel: copy the bytes
+            cache, x = cache.view(torch.uint8), x.view(torch.uint8)
+        cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping, x)
 
 
 def gather_blocks(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
@@ -104,10 +143,43 @@ def paged_decode_attention_ref(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode attention from block tables and context lengths (the Triton kernel's contract)."""
+    """Decode attention from block tables and context lengths (the Triton kernel's contract); a row
+    of length 0 (padding) gives zeros."""
+    k_cache, v_cache = dequantize_kv(k_cache, k_scale), dequantize_kv(v_cache, v_scale)
     valid = context_mask(context_lens, block_tables.shape[1] * k_cache.shape[1])
-    return decode_attention(q, k_cache, v_cache, block_tables, valid, scale)
+    out = decode_attention(q, k_cache, v_cache, block_tables, valid, scale)
+    return out.masked_fill((context_lens == 0)[:, None, None], 0.0)
+
+
+def paged_prefill_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    starts: torch.Tensor,
+    lens: torch.Tensor,
+    prefixes: torch.Tensor,
+    scale: float,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Chunk c (rows starts[c] .. + lens[c] of q [T, H, D]) attends its sequence's positions
+    0 .. prefixes[c] + i causally, all read from the cache through block_tables[c] (the chunk's own
+    K/V already stored). Rows outside every chunk are zeros."""
+    k_cache, v_cache = dequantize_kv(k_cache, k_scale), dequantize_kv(v_cache, v_scale)
+    out = torch.zeros_like(q)
+    for table, start, n, prefix in zip(
+        block_tables, starts.tolist(), lens.tolist(), prefixes.tolist(), strict=True
+    ):
+        ctx = prefix + n
+        nb = -(-ctx // k_cache.shape[1])
+        ks = gather_blocks(k_cache, table[:nb])[:ctx]
+        vs = gather_blocks(v_cache, table[:nb])[:ctx]
+        out[start : start + n] = prefill_attention(q[start : start + n], ks, vs, scale, prefix).to(q.dtype)
+    return out
 
 
 def prefill_attention(
