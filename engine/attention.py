@@ -5,8 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.forward_context import get_attention_metadata
-from kernels.paged_attention import decode_attention, gather_blocks, prefill_attention, store_kv
+from engine.forward_context import PagedBatch, get_attention_metadata
+from kernels import paged_attention as ref
+from kernels import paged_attention_triton as triton_kernels
+from kernels.paged_attention import decode_attention, gather_blocks, prefill_attention
 
 
 class PagedAttention(nn.Module):
@@ -23,9 +25,12 @@ class PagedAttention(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # q: [T, H, D]; k, v: [T, KVH, D] -> [T, H, D]
         meta = get_attention_metadata()
-        store_kv(self.k_cache, self.v_cache, meta.slot_mapping, k, v)
+        kernels = triton_kernels if triton_kernels.available(q.device) else ref
+        kernels.store_kv(self.k_cache, self.v_cache, meta.slot_mapping, k, v)
         if meta.on_layer_stored is not None:
             meta.on_layer_stored(self.layer_idx)
+        if meta.paged is not None:
+            return self._paged(q, meta.paged, meta.num_decodes)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         for group in meta.decode_groups:
@@ -46,5 +51,35 @@ class PagedAttention(nn.Module):
                 vs = gather_blocks(self.v_cache, seg.context_blocks)[:ctx]
             out[seg.start : seg.end] = prefill_attention(
                 q[seg.start : seg.end], ks, vs, self.scale, seg.num_prefix
+            )
+        return out
+
+    def _paged(self, q: torch.Tensor, batch: PagedBatch, num_decodes: int) -> torch.Tensor:
+        """Every decode row in one call, every prefill chunk in another, through the block tables:
+        the Triton kernels on CUDA, their torch references elsewhere."""
+        on_gpu = triton_kernels.available(q.device)
+        q = q.contiguous()
+        if batch.prefill_starts.shape[0] == 0:  # decode only (every captured CUDA graph)
+            decode = triton_kernels.paged_decode_attention if on_gpu else ref.paged_decode_attention_ref
+            return decode(q, self.k_cache, self.v_cache, batch.decode_tables, batch.decode_lens, self.scale)
+        if on_gpu:
+            out = triton_kernels.paged_prefill_attention(
+                q, self.k_cache, self.v_cache, batch.prefill_tables, batch.prefill_starts,
+                batch.prefill_lens, batch.prefill_prefixes, batch.max_prefill_len, self.scale,
+            )  # fmt: skip
+        else:
+            out = ref.paged_prefill_attention_ref(
+                q, self.k_cache, self.v_cache, batch.prefill_tables, batch.prefill_starts,
+                batch.prefill_lens, batch.prefill_prefixes, self.scale,
+            )  # fmt: skip
+        if num_decodes:
+            decode = triton_kernels.paged_decode_attention if on_gpu else ref.paged_decode_attention_ref
+            out[:num_decodes] = decode(
+                q[:num_decodes],
+                self.k_cache,
+                self.v_cache,
+                batch.decode_tables,
+                batch.decode_lens,
+                self.scale,
             )
         return out

@@ -10,6 +10,7 @@ from engine.errors import InvalidConfigError
 from engine.kv_cache import DEFAULT_BLOCK_SIZE, CacheConfig
 from engine.scheduler import SchedulerConfig
 
+ATTENTION_BACKENDS = ("auto", "paged", "grouped")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _DTYPE_ALIASES = {
     "fp32": "float32",
@@ -38,6 +39,13 @@ class EngineConfig:
     # (one GPU each, or CPU processes sharing the cores); see engine/parallel.
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
+    # Attention over the paged cache: "paged" attends each phase in one call from block tables and
+    # lengths (Triton kernels on CUDA, their torch references elsewhere); "grouped" is the CPU path
+    # (decode rows grouped by length, padded per group); "auto": paged on CUDA, grouped on the CPU.
+    attention_backend: str = "auto"
+    # CUDA only: decode-only steps replayed from CUDA graphs captured at bucketed batch sizes
+    # (engine/cuda_graphs.py); ignored on the CPU and with tensor parallelism.
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         name = _DTYPE_ALIASES.get(self.dtype, self.dtype)
@@ -62,6 +70,11 @@ class EngineConfig:
                 "pipeline_parallel_size > 1 is not supported yet (pipeline stages are still to be "
                 "built); use tensor_parallel_size to split a model over processes"
             )
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            choices = ", ".join(ATTENTION_BACKENDS)
+            raise InvalidConfigError(
+                f"attention_backend must be one of {choices}, got {self.attention_backend!r}"
+            )
         if self.max_model_len is not None and self.max_model_len < 2:
             raise InvalidConfigError(f"max_model_len must be >= 2, got {self.max_model_len}")
         self.cache, self.scheduler  # noqa: B018 - validate the derived configs now, not at first use
@@ -80,6 +93,13 @@ class EngineConfig:
         if self.dtype == "auto":
             return torch.bfloat16 if self.torch_device.type == "cuda" else torch.float32
         return DTYPES[self.dtype]
+
+    @property
+    def paged_attention(self) -> bool:
+        """Whether attention runs from block tables and lengths (see `attention_backend`)."""
+        if self.attention_backend == "auto":
+            return self.torch_device.type == "cuda"
+        return self.attention_backend == "paged"
 
     @property
     def cache(self) -> CacheConfig:

@@ -37,11 +37,26 @@ class DecodeGroup:
 
 
 @dataclass(frozen=True)
+class PagedBatch:
+    """The step for the paged kernels (kernels/paged_attention_triton.py): one call per phase, every
+    sequence read through its block table. Block tables are int32, padded with block 0."""
+
+    decode_tables: torch.Tensor  # [num_decodes, nb]
+    decode_lens: torch.Tensor  # [num_decodes] context length including the new token; 0: a padded row
+    prefill_tables: torch.Tensor  # [num_prefills, nb]
+    prefill_starts: torch.Tensor  # [num_prefills] first row of each chunk in the flat batch
+    prefill_lens: torch.Tensor  # [num_prefills] tokens of each chunk
+    prefill_prefixes: torch.Tensor  # [num_prefills] tokens already cached before each chunk
+    max_prefill_len: int  # the longest chunk (sizes the prefill launch without reading the device)
+
+
+@dataclass(frozen=True)
 class AttentionMetadata:
-    slot_mapping: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64; -1: a padded row whose K/V are not stored
     num_decodes: int  # rows [0, num_decodes) are decode tokens
-    decode_groups: tuple[DecodeGroup, ...]  # a partition of the decode rows
-    prefills: tuple[PrefillSegment, ...]
+    decode_groups: tuple[DecodeGroup, ...]  # a partition of the decode rows (the grouped path)
+    prefills: tuple[PrefillSegment, ...]  # (the grouped path)
+    paged: PagedBatch | None = None  # set: the paged path, and the two fields above are empty
     # Called with the layer index once that layer's new K/V are in the cache (before it attends):
     # a prefill worker streams each finished layer to decode while later layers compute.
     on_layer_stored: Callable[[int], None] | None = None

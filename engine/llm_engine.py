@@ -88,7 +88,10 @@ class LLMEngine:
             sample_vocab_size=self.vocab_size,
             num_blocks=num_blocks,
             fan_out=None if self.ranks is None else self.ranks.send,
+            paged_attention=config.paged_attention,
         )
+        if config.cuda_graphs and device.type == "cuda" and config.paged_attention and self.ranks is None:
+            self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
         self.scheduler = Scheduler(config.scheduler, self.runner.num_blocks, config.block_size)
         self.eos_token_ids = frozenset(loaded.config.eos_token_ids) | frozenset(
             [self.tokenizer.eos_token_id]

@@ -12,7 +12,8 @@ import torch
 from engine.block_manager import blocks_needed
 from engine.cpu_allocator import keep_freed_memory
 from engine.cpu_linear import pack_linears
-from engine.forward_context import AttentionMetadata, DecodeGroup, PrefillSegment, forward_context
+from engine.cuda_graphs import DecodeGraphs
+from engine.forward_context import AttentionMetadata, DecodeGroup, PagedBatch, PrefillSegment, forward_context
 from engine.kv_cache import CacheConfig, allocate_kv_cache
 from engine.models.llama import LlamaForCausalLM
 from engine.sampler import Sampler, SamplerOutput
@@ -38,10 +39,12 @@ class ModelRunner:
         sample_vocab_size: int | None = None,
         num_blocks: int | None = None,
         fan_out: Callable[[StepInputs], None] | None = None,
+        paged_attention: bool = False,
     ) -> None:
         """`sample_vocab_size` limits sampling to the first ids (those the tokenizer can spell).
         Tensor parallel (engine.parallel): `num_blocks` sizes the cache the same on every rank,
-        and rank 0's `fan_out` hands each step's inputs to the other ranks before it runs them."""
+        and rank 0's `fan_out` hands each step's inputs to the other ranks before it runs them.
+        `paged_attention`: attention metadata for the paged kernels (EngineConfig.attention_backend)."""
         if device.type == "cpu":
             keep_freed_memory()  # a step's temporaries stay mapped between steps
             if onednn_linear:
@@ -53,6 +56,8 @@ class ModelRunner:
         dtype = next(model.parameters()).dtype
         self.kv_cache = allocate_kv_cache(self.config, cache_config, dtype, device, num_blocks)
         self.fan_out = fan_out
+        self.paged_attention = paged_attention
+        self.graphs: DecodeGraphs | None = None  # enable_cuda_graphs
         self._layer_caches = [
             (self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(self.config.num_layers)
         ]
@@ -79,10 +84,8 @@ class ModelRunner:
         positions: list[int] = []
         slots: list[int] = []
         sample_rows: list[int] = []
-        prefills: list[PrefillSegment] = []
-        decode_tables: list[list[int]] = []
-        decode_lens: list[int] = []
-        dev = self.device
+        decodes: list[tuple[list[int], int]] = []  # (block table, context length)
+        prefills: list[tuple[list[int], int, int, int]] = []  # (block table, first row, length, prefix)
         for chunk in chunks:
             seq, start = chunk.seq, chunk.seq.num_computed_tokens
             end = start + chunk.num_tokens
@@ -91,27 +94,61 @@ class ModelRunner:
             positions.extend(range(start, end))
             slots.extend(self._slots(seq.block_table, start, end))
             if chunk.num_tokens == 1 and not prefills:
-                decode_tables.append(seq.block_table)
-                decode_lens.append(end)
+                decodes.append((seq.block_table, end))
             else:
-                blocks = None
-                if start > 0:
-                    nb = blocks_needed(end, self.block_size)
-                    blocks = torch.tensor(seq.block_table[:nb], dtype=torch.long, device=dev)
-                prefills.append(PrefillSegment(row, row + chunk.num_tokens, start, blocks))
+                prefills.append(
+                    (seq.block_table[: blocks_needed(end, self.block_size)], row, chunk.num_tokens, start)
+                )
             if chunk.samples:
                 sample_rows.append(len(ids) - 1)
-        metadata = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            num_decodes=len(decode_tables),
-            decode_groups=self._decode_groups(decode_tables, decode_lens),
-            prefills=tuple(prefills),
-        )
+        slot_mapping = self._upload(torch.tensor(slots, dtype=torch.long))
+        if self.paged_attention:
+            metadata = AttentionMetadata(
+                slot_mapping, len(decodes), (), (), self._paged_batch(decodes, prefills)
+            )
+        else:
+            metadata = AttentionMetadata(
+                slot_mapping=slot_mapping,
+                num_decodes=len(decodes),
+                decode_groups=self._decode_groups([t for t, _ in decodes], [n for _, n in decodes]),
+                prefills=tuple(self._prefill_segment(*p) for p in prefills),
+            )
         return StepInputs(
-            input_ids=torch.tensor(ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
+            input_ids=self._upload(torch.tensor(ids, dtype=torch.long)),
+            positions=self._upload(torch.tensor(positions, dtype=torch.long)),
             metadata=metadata,
-            sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=dev),
+            sample_rows=self._upload(torch.tensor(sample_rows, dtype=torch.long)),
+        )
+
+    def _upload(self, host: torch.Tensor) -> torch.Tensor:
+        """A step input on the device: on CUDA through pinned memory, without waiting for the copy."""
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
+
+    def _prefill_segment(self, table: list[int], row: int, length: int, prefix: int) -> PrefillSegment:
+        blocks = None if prefix == 0 else torch.tensor(table, dtype=torch.long, device=self.device)
+        return PrefillSegment(row, row + length, prefix, blocks)
+
+    def _paged_batch(
+        self, decodes: list[tuple[list[int], int]], prefills: list[tuple[list[int], int, int, int]]
+    ) -> PagedBatch:
+        def tables(rows: list[list[int]]) -> torch.Tensor:
+            width = max(map(len, rows), default=0)
+            padded = torch.tensor([r + [0] * (width - len(r)) for r in rows], dtype=torch.int32)
+            return self._upload(padded.view(len(rows), width))
+
+        def column(values: list[int]) -> torch.Tensor:
+            return self._upload(torch.tensor(values, dtype=torch.int32))
+
+        return PagedBatch(
+            decode_tables=tables([t for t, _ in decodes]),
+            decode_lens=column([n for _, n in decodes]),
+            prefill_tables=tables([p[0] for p in prefills]),
+            prefill_starts=column([p[1] for p in prefills]),
+            prefill_lens=column([p[2] for p in prefills]),
+            prefill_prefixes=column([p[3] for p in prefills]),
+            max_prefill_len=max((p[2] for p in prefills), default=0),
         )
 
     def _decode_groups(self, tables: list[list[int]], lens: list[int]) -> tuple[DecodeGroup, ...]:
@@ -158,11 +195,23 @@ class ModelRunner:
         if self.fan_out is not None:
             self.fan_out(inputs)
         metadata = inputs.metadata
+        self._bind_cache()
+        if on_layer_stored is None and self.graphs is not None and self.graphs.can_run(metadata):
+            return self.graphs.run(inputs.input_ids, inputs.positions, metadata)
         if on_layer_stored is not None:
             metadata = dataclasses.replace(metadata, on_layer_stored=on_layer_stored)
-        self._bind_cache()
         with forward_context(metadata):
             return self.model(inputs.input_ids, inputs.positions)
+
+    def enable_cuda_graphs(self, max_batch: int, max_model_len: int, capture: bool = True) -> None:
+        """Replay decode-only steps of up to `max_batch` sequences from CUDA graphs (engine/cuda_graphs.py);
+        needs paged attention. `capture=False` runs the same padded static batches eagerly (the CPU
+        tests of the padding and bucketing)."""
+        if not self.paged_attention:
+            raise ValueError("CUDA graphs need paged attention (EngineConfig.attention_backend)")
+        self._bind_cache()
+        max_blocks = blocks_needed(max_model_len, self.block_size)
+        self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, self.device, capture)
 
     def execute(
         self, chunks: list[ScheduledChunk], on_layer_stored: Callable[[int], None] | None = None
