@@ -49,7 +49,7 @@ from kernels.kv_quant_triton import _e4m3_bits, _e4m3_value
 # Quantized decode caches this module reads and writes, and their largest code (the reference's).
 KV_CACHE_QMAX = paged_attention.KV_CACHE_QMAX
 _TINY = tl.constexpr(paged_attention.TINY)
-MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost outweighs the parallelism it adds
+MIN_SPLIT_TOKENS = 128  # below this a split's fixed cost outweighs the parallelism it adds
 DECODE_BLOCK_N = 64  # tokens per K/V tile in decode
 PREFILL_BLOCK_M, PREFILL_BLOCK_N = 64, 64
 
@@ -103,6 +103,28 @@ def _kv_tile(
 
 
 @triton.jit
+def _attend(
+    q, m, l_sum, acc, visible, k_cache, v_cache, k_scale, v_scale, table, offs_n, mask_n, kv_head,
+    offs_d, mask_d, scale, KVH: tl.constexpr, D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    QUANT: tl.constexpr, SOFT_FP8: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """One online-softmax step: rows q [R, BLOCK_D] over the tokens `offs_n` of the sequence whose
+    block table row is `table`, where `visible` [R or 1, N] allows. Returns the new (m, l_sum, acc)."""
+    pages = tl.load(table + offs_n // BLOCK_SIZE, mask=mask_n, other=0)
+    slots = pages.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
+    k = _kv_tile(k_cache, k_scale, slots, mask_n, kv_head, offs_d, mask_d, KVH, D, QUANT, SOFT_FP8, q.dtype)
+    v = _kv_tile(v_cache, v_scale, slots, mask_n, kv_head, offs_d, mask_d, KVH, D, QUANT, SOFT_FP8, q.dtype)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [R, N]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m, _max(s, 1))  # finite: every row sees a key in its first tile
+    p = tl.exp(s - m_new[:, None])
+    alpha = tl.exp(m - m_new)
+    l_sum = l_sum * alpha + _sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=PRECISION)
+    return m_new, l_sum, acc
+
+
+@triton.jit
 def _decode_kernel(
     q, k_cache, v_cache, k_scale, v_scale, tables, lens, out, part_out, part_lse,
     scale, table_stride,
@@ -120,7 +142,6 @@ def _decode_kernel(
     qg = tl.load(q + q_rows[:, None] * D + offs_d[None, :], mask=mask_g[:, None] & mask_d[None, :], other=0.0)
     if DOT_F32:  # the interpreter's tl.dot cannot multiply bfloat16
         qg = qg.to(tl.float32)
-    dot_dtype = qg.dtype
     length = tl.load(lens + b)
     per_split = (length + NUM_SPLITS - 1) // NUM_SPLITS  # this sequence's own stretches, whole tiles
     split_len = (per_split + BLOCK_N - 1) // BLOCK_N * BLOCK_N
@@ -132,22 +153,11 @@ def _decode_kernel(
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        pages = tl.load(tables + b.to(tl.int64) * table_stride + offs_n // BLOCK_SIZE, mask=mask_n, other=0)
-        slots = pages.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
-        k = _kv_tile(
-            k_cache, k_scale, slots, mask_n, kv_head, offs_d, mask_d, KVH, D, QUANT, SOFT_FP8, dot_dtype
-        )
-        v = _kv_tile(
-            v_cache, v_scale, slots, mask_n, kv_head, offs_d, mask_d, KVH, D, QUANT, SOFT_FP8, dot_dtype
-        )
-        s = tl.dot(qg, tl.trans(k), input_precision=PRECISION) * scale  # [G, N]
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, _max(s, 1))
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l_sum = l_sum * alpha + _sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v, input_precision=PRECISION)
-        m = m_new
+        m, l_sum, acc = _attend(
+            qg, m, l_sum, acc, mask_n[None, :], k_cache, v_cache, k_scale, v_scale,
+            tables + b.to(tl.int64) * table_stride, offs_n, mask_n, kv_head, offs_d, mask_d, scale,
+            KVH, D, BLOCK_SIZE, QUANT, SOFT_FP8, PRECISION,
+        )  # fmt: skip
     o = acc / tl.maximum(l_sum, _TINY)[:, None]  # an empty stretch: acc = 0, so o = 0
     store_mask = mask_g[:, None] & mask_d[None, :]
     if NUM_SPLITS == 1:
@@ -198,33 +208,21 @@ def _prefill_kernel(
     qm = tl.load(q + q_rows[:, None] * D + offs_d[None, :], mask=mask_m[:, None] & mask_d[None, :], other=0.0)
     if DOT_F32:  # the interpreter's tl.dot cannot multiply bfloat16
         qm = qm.to(tl.float32)
-    dot_dtype = qm.dtype
     positions = prefix + offs_m  # [M] each query's position in its sequence
-    end = prefix + tl.minimum((tile + 1) * BLOCK_M, q_len)  # keys the tile's last query sees, + 1
+    # keys the tile's last query sees, + 1; none for a tile past its chunk (the grid fits the longest)
+    end = tl.where(tile * BLOCK_M < q_len, prefix + tl.minimum((tile + 1) * BLOCK_M, q_len), 0)
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_sum = tl.full([BLOCK_M], 0.0, tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, tl.float32)
     for n0 in range(0, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < end
-        pages = tl.load(
-            tables + chunk.to(tl.int64) * table_stride + offs_n // BLOCK_SIZE, mask=mask_n, other=0
-        )
-        slots = pages.to(tl.int64) * BLOCK_SIZE + offs_n % BLOCK_SIZE
-        k = _kv_tile(
-            k_cache, k_scale, slots, mask_n, kv_head, offs_d, mask_d, KVH, D, QUANT, SOFT_FP8, dot_dtype
-        )
-        v = _kv_tile(
-            v_cache, v_scale, slots, mask_n, kv_head, offs_d, mask_d, KVH, D, QUANT, SOFT_FP8, dot_dtype
-        )
-        s = tl.dot(qm, tl.trans(k), input_precision=PRECISION) * scale  # [M, N]
-        s = tl.where(mask_n[None, :] & (offs_n[None, :] <= positions[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m, _max(s, 1))  # key 0 is always visible: m_new is finite
-        p = tl.exp(s - m_new[:, None])
-        alpha = tl.exp(m - m_new)
-        l_sum = l_sum * alpha + _sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dot_dtype), v, input_precision=PRECISION)
-        m = m_new
+        visible = mask_n[None, :] & (offs_n[None, :] <= positions[:, None])  # causal
+        m, l_sum, acc = _attend(
+            qm, m, l_sum, acc, visible, k_cache, v_cache, k_scale, v_scale,
+            tables + chunk.to(tl.int64) * table_stride, offs_n, mask_n, kv_head, offs_d, mask_d, scale,
+            KVH, D, BLOCK_SIZE, QUANT, SOFT_FP8, PRECISION,
+        )  # fmt: skip
     o = acc / tl.maximum(l_sum, _TINY)[:, None]
     tl.store(out + q_rows[:, None] * D + offs_d[None, :], o.to(out.dtype.element_ty),
              mask=mask_m[:, None] & mask_d[None, :])  # fmt: skip
@@ -364,7 +362,10 @@ def paged_decode_attention(
         return out
     block_tables = block_tables.contiguous()
     max_context = block_tables.shape[1] * c["BLOCK_SIZE"]
-    splits = splits or num_splits(batch, c["KVH"], max_context, q.device)
+    if splits is None:
+        splits = num_splits(batch, c["KVH"], max_context, q.device)
+    elif splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
     if splits > 1:
         part_out = q.new_empty(batch * c["H"] * splits * c["BLOCK_D"], dtype=torch.float32)
         part_lse = q.new_empty(batch * c["H"] * splits, dtype=torch.float32)

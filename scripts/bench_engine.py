@@ -2,6 +2,8 @@
 
     .venv/bin/python scripts/bench_engine.py                  # CPU: smollm2-135m, float32
     python scripts/bench_engine.py --batch-sizes 1,8,32       # GPU: dummy:llama-3.1-8b, bfloat16
+    python scripts/bench_engine.py --batch-sizes 1,32,128 --input-len 1024 --output-len 64   # issue 6
+    python scripts/bench_engine.py --batch-sizes 1 --input-len 2048 --output-len 2           # prefill
 
 Both systems get the same random prompts of exactly --input-len token ids and decode greedily for
 exactly --output-len tokens with no EOS stop. Per batch size B:
@@ -9,6 +11,10 @@ exactly --output-len tokens with no EOS stop. Per batch size B:
     prefill tok/s = B * input_len / time until every sequence has its first token (one step / forward)
     decode tok/s  = B * (output_len - 1) / time of the remaining steps
     ratio         = pdserve / HF  (> 1: pdserve is faster)
+
+On a GPU it also measures the copy bandwidth in the same run and reports each decode rate against
+its floor (one read of the weights and of every sequence's KV per step at that bandwidth) and the
+prefill rate as TFLOP/s of weight FLOPs (2 x matmul parameters per token).
 
 Both models stay loaded and the two systems take turns run by run; each figure is the median of
 --repeats timed runs after --warmup untimed ones. The table goes to stdout, progress to stderr, all
@@ -76,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
     p.add_argument("--skip-hf", action="store_true", help="measure pdserve only")
+    p.add_argument("--attention-backend", default="auto", help="auto | paged | grouped (default: auto)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="decode steps launched eagerly on a GPU")
     p.add_argument("--json", type=Path, help="also write the numbers to this file")
     args = p.parse_args(argv)
 
@@ -159,6 +167,8 @@ def build_engine(args: argparse.Namespace, loaded: LoadedModel) -> LLMEngine:
         kv_cache_memory=(max_batch * blocks_per_seq + 1) * DEFAULT_BLOCK_SIZE * kv_bytes,
         max_num_seqs=max_batch,
         max_num_batched_tokens=max_batch * args.input_len,
+        attention_backend=args.attention_backend,
+        cuda_graphs=not args.no_cuda_graphs,
     )
     return LLMEngine(config, loaded=loaded)
 
@@ -228,8 +238,8 @@ def run_hf(model: torch.nn.Module, prompts: Prompts, output_len: int, device: to
 System = Callable[[Prompts], Run]
 
 
-def load_systems(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, System], int]:
-    """Both systems, loaded side by side; returns them by name and the vocabulary size."""
+def load_systems(args: argparse.Namespace, device: torch.device) -> tuple[dict[str, System], LoadedModel]:
+    """Both systems, loaded side by side; returns them by name and pdserve's model."""
     log(f"loading {args.model} ({args.dtype}) for pdserve ...")
     loaded = load_model(args.model, DTYPES[args.dtype], device)
     engine = build_engine(args, loaded)
@@ -248,7 +258,7 @@ def load_systems(args: argparse.Namespace, device: torch.device) -> tuple[dict[s
                 f"error: transformers' vocab {model.config.vocab_size} differs from pdserve's {vocab}"
             )
         systems["HF"] = lambda p: run_hf(model, p, args.output_len, device)
-    return systems, vocab
+    return systems, loaded
 
 
 def measure(
@@ -276,6 +286,55 @@ def measure(
         decode_rate = decode_tokens / statistics.median(decode_s)
         results[name] = Measurement(prefill_s, decode_s, prefill_rate, decode_rate), rs[-1].tokens
     return results
+
+
+# --- the GPU's limits -----------------------------------------------------------------------------
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 30) -> float:
+    """Bytes read + written per second by a device-to-device copy (median of 10), as ANCHORS.md counts."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(12):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return nbytes / statistics.median(times[2:])
+
+
+def limits(loaded: LoadedModel, args: argparse.Namespace, device: torch.device) -> dict:
+    """The floors a decode step cannot beat (one read of the weights it multiplies, and of every
+    sequence's KV at the run's mean context, at the copy bandwidth) and the weight FLOPs of prefill."""
+    config = loaded.config
+    params = dict(loaded.model.named_parameters())
+    embed = params["model.embed_tokens.weight"]
+    weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    if not config.tie_word_embeddings:  # the embedding table is gathered from, not read whole
+        weight_bytes -= embed.numel() * embed.element_size()
+    matmul_params = sum(p.numel() for n, p in params.items() if p.dim() == 2 and "embed_tokens" not in n)
+    if config.tie_word_embeddings:
+        matmul_params += embed.numel()  # the LM head
+    bandwidth = copy_bandwidth(device)
+    mean_context = args.input_len + args.output_len / 2
+    kv_token = config.kv_bytes_per_token(DTYPES[args.dtype].itemsize)
+    floors = {}
+    for b in args.batch_sizes:
+        step_s = (weight_bytes + b * mean_context * kv_token) / bandwidth
+        floors[b] = {"decode_floor_tok_s": b / step_s, "step_floor_ms": step_s * 1e3}
+    log(
+        f"copy bandwidth {bandwidth / 1e9:,.0f} GB/s (read + written); "
+        f"weights read per step {weight_bytes / 1e9:.2f} GB"
+    )
+    return {
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "weight_bytes": weight_bytes,
+        "prefill_flops_per_token": 2 * matmul_params,
+        "floors": floors,
+    }
 
 
 # --- report -------------------------------------------------------------------------------------
@@ -310,6 +369,27 @@ def report(info: dict, results: Results, same: dict[int, int]) -> str:
             f"| {b} | {rate(m.prefill_tok_s)} | {rate(hp)} | {ratio(m.prefill_tok_s, hp)} "
             f"| {rate(m.decode_tok_s)} | {rate(hd)} | {ratio(m.decode_tok_s, hd)} |"
         )
+    if "limits" in info:
+        lim = info["limits"]
+        lines += [
+            "",
+            f"GPU limits: copy {lim['copy_bandwidth_gb_s']:,.0f} GB/s (read + written), "
+            f"{lim['weight_bytes'] / 1e9:.2f} GB of weights read per decode step",
+            "",
+            "| batch | decode floor tok/s | pdserve of floor | pdserve prefill weight TFLOP/s "
+            "| HF prefill weight TFLOP/s |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for b, by_system in results.items():
+            floor = lim["floors"][b]["decode_floor_tok_s"]
+            tflops = {
+                n: m.prefill_tok_s * lim["prefill_flops_per_token"] / 1e12 for n, m in by_system.items()
+            }
+            hf = f"{tflops['HF']:,.0f}" if "HF" in tflops else "-"
+            lines.append(
+                f"| {b} | {floor:,.0f} | {by_system['pdserve'].decode_tok_s / floor:.0%} "
+                f"| {tflops['pdserve']:,.0f} | {hf} |"
+            )
     if same:
         agree = ", ".join(f"batch {b}: {n}/{b}" for b, n in same.items())
         lines += ["", f"sequences whose greedy tokens are identical in both systems: {agree}"]
@@ -351,9 +431,12 @@ def main(argv: list[str] | None = None) -> None:
         "threads": torch.get_num_threads(),
     }
     try:
-        systems, vocab = load_systems(args, device)
+        systems, loaded = load_systems(args, device)
     except PDServeError as e:
         raise SystemExit(f"error: {e}") from None
+    vocab = loaded.config.vocab_size
+    if device.type == "cuda":
+        info["limits"] = limits(loaded, args, device)
     results: Results = {}
     same: dict[int, int] = {}
     for b in args.batch_sizes:

@@ -103,7 +103,7 @@ def test_decode_matches_the_reference(interp, dtype, num_heads, kv_heads, lens, 
 
 def test_split_count_fills_the_gpu_and_respects_the_minimum_split():
     cpu = torch.device("cpu")  # no GPU: the H100's 132 multiprocessors are assumed
-    assert paged_attention_triton.num_splits(1, 8, 4096, cpu) == 4096 // 256  # capped by the split length
+    assert paged_attention_triton.num_splits(1, 8, 4096, cpu) == 4096 // 128  # capped by the split length
     assert paged_attention_triton.num_splits(64, 8, 4096, cpu) == 1  # 512 programs already
     assert paged_attention_triton.num_splits(4, 8, 8192, cpu) == 9  # two waves over 132
     assert paged_attention_triton.num_splits(1, 8, 100, cpu) == 1
