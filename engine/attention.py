@@ -58,9 +58,9 @@ class PagedAttention(nn.Module):
         """Every decode row in one call, every prefill chunk in another, through the block tables:
         the Triton kernels on CUDA, their torch references elsewhere."""
         on_gpu = triton_kernels.available(q.device)
+        decode = triton_kernels.paged_decode_attention if on_gpu else ref.paged_decode_attention_ref
         q = q.contiguous()
         if batch.prefill_starts.shape[0] == 0:  # decode only (every captured CUDA graph)
-            decode = triton_kernels.paged_decode_attention if on_gpu else ref.paged_decode_attention_ref
             return decode(q, self.k_cache, self.v_cache, batch.decode_tables, batch.decode_lens, self.scale)
         if on_gpu:
             out = triton_kernels.paged_prefill_attention(
@@ -73,13 +73,8 @@ class PagedAttention(nn.Module):
                 batch.prefill_lens, batch.prefill_prefixes, self.scale,
             )  # fmt: skip
         if num_decodes:
-            decode = triton_kernels.paged_decode_attention if on_gpu else ref.paged_decode_attention_ref
+            rows = q[:num_decodes]
             out[:num_decodes] = decode(
-                q[:num_decodes],
-                self.k_cache,
-                self.v_cache,
-                batch.decode_tables,
-                batch.decode_lens,
-                self.scale,
+                rows, self.k_cache, self.v_cache, batch.decode_tables, batch.decode_lens, self.scale
             )
         return out
