@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
+import os
 import sys
 from dataclasses import dataclass
 
@@ -27,6 +29,8 @@ from cluster.router import DecodeLoad, PrefillLoad
 from decode_worker.worker import DecodeChunk, DecodeWorker
 from engine.sampling_params import SamplingParams
 from prefill_worker.worker import PrefillRequest, PrefillResult, PrefillWorker
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,19 @@ def _setup_process(cpus: float) -> None:
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
 
 
+def _end_instance(exc: BaseException) -> None:
+    """The engine cannot step (one of its tensor/pipeline ranks died, or its device failed): end
+    the actor's process. Ray restarts the instance as a whole (the engine's other ranks see their
+    pipe close and exit), and the controller retries its requests elsewhere meanwhile."""
+    log.critical("instance failed (%s: %s); exiting so Ray restarts it", type(exc).__name__, exc)
+    logging.shutdown()
+    os._exit(1)
+
+
+def _guard(worker: PrefillWorker | DecodeWorker) -> None:
+    worker.loop.on_failure = _end_instance
+
+
 def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
@@ -72,6 +89,7 @@ class PrefillInstance:
         _setup_process(config.prefill.cpus)
         self.name = name
         self.worker = build_prefill(config)
+        _guard(self.worker)
         self.worker.start()
 
     async def info(self) -> InstanceInfo:
@@ -99,6 +117,7 @@ class DecodeInstance:
             self.worker, self.servers = build_colocated(config, self._emit), {}
         else:
             self.worker, self.servers = build_decode(config, self._emit, host=ray.util.get_node_ip_address())
+        _guard(self.worker)
         self.worker.start_loop()
 
     def _bind(self) -> asyncio.Event:

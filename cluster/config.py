@@ -297,14 +297,20 @@ class ClusterConfig:
             "placement.max_gpus",
             f"the pools ask for {self.num_gpus} GPUs, more than the budget of {budget}",
         )
-        if self.model.device == "cpu":
-            for pool in ("prefill", "decode", "colocated"):
-                section = getattr(self, pool)
-                _require(
-                    section.gpus_per_instance == 1,
-                    f"{pool}.tp",
-                    f"tensor/pipeline parallel need GPUs; model.device is cpu "
-                    f"(tp={section.tp}, pp={section.pp})",
+
+    def check_servable(self) -> None:
+        """What `pdserve serve` cannot run yet although the file is valid (`pdserve plan` still
+        reads it): tensor or pipeline parallelism in a disaggregated pool, which needs the KV
+        re-sharded between the two pools' layouts in transit."""
+        if self.is_colocated:
+            return
+        for pool in ("prefill", "decode"):
+            section = getattr(self, pool)
+            if section.gpus_per_instance > 1:
+                raise ConfigError(
+                    f"{pool}.tp: tp={section.tp} pp={section.pp} in a disaggregated deployment needs "
+                    "the KV re-sharded between the two pools' layouts in transit, which is not built "
+                    "yet; colocated replicas run tensor and pipeline parallelism (colocated.tp, colocated.pp)"
                 )
 
     def to_dict(self) -> dict[str, Any]:

@@ -53,8 +53,11 @@ def batching(config: ClusterConfig, role: str) -> dict[str, int | None]:
 def engine_config(config: ClusterConfig, role: str) -> EngineConfig:
     m = config.model
     memory = config.prefill.kv_cache_memory if role == "prefill" else config.decode.kv_cache_memory
+    pool = getattr(config, role)  # its section, whether or not the deployment runs that pool
     return EngineConfig(
         model=m.name,
+        tensor_parallel_size=pool.tp,
+        pipeline_parallel_size=pool.pp,
         dtype=m.dtype,
         device=m.device,
         max_model_len=m.max_model_len,

@@ -28,6 +28,7 @@ from engine.model_loader import resolve_checkpoint
 
 class ClusterServer:
     def __init__(self, config: ClusterConfig) -> None:
+        config.check_servable()
         self.config = config
         self.metrics = Metrics()
         self.deployment = Deployment(config)

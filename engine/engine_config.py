@@ -36,7 +36,8 @@ class EngineConfig:
     seed: int = 0  # seeds dummy:<preset> random weights; sampling seeds are per request
     onednn_linear: bool = True  # CPU only: linear layers through oneDNN with packed weights
     # Ranks of one engine (vLLM's names): tensor parallel splits heads and MLP over processes
-    # (one GPU each, or CPU processes sharing the cores); see engine/parallel.
+    # (one GPU each, or CPU processes sharing the cores), pipeline parallel splits the layers into
+    # stages that micro-batches flow through; tp*pp ranks in all (engine/parallel).
     tensor_parallel_size: int = 1
     pipeline_parallel_size: int = 1
     # Attention over the paged cache: "paged" attends each phase in one call from block tables and
@@ -44,7 +45,7 @@ class EngineConfig:
     # (decode rows grouped by length, padded per group); "auto": paged on CUDA, grouped on the CPU.
     attention_backend: str = "auto"
     # CUDA only: decode-only steps replayed from CUDA graphs captured at bucketed batch sizes
-    # (engine/cuda_graphs.py); ignored on the CPU and with tensor parallelism.
+    # (engine/cuda_graphs.py); ignored on the CPU and with tensor or pipeline parallelism.
     cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
@@ -65,11 +66,6 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidConfigError(f"{name} must be an integer >= 1, got {value!r}")
-        if self.pipeline_parallel_size > 1:
-            raise InvalidConfigError(
-                "pipeline_parallel_size > 1 is not supported yet (pipeline stages are still to be "
-                "built); use tensor_parallel_size to split a model over processes"
-            )
         if self.attention_backend not in ATTENTION_BACKENDS:
             choices = ", ".join(ATTENTION_BACKENDS)
             raise InvalidConfigError(

@@ -9,6 +9,10 @@
 
 A worker (prefill or decode) is this loop plus what it does with outputs; the loop is written
 once for both. `submit` returns a Future with what `fn` returned or raised.
+
+A step that raises (a dead rank of a parallel engine, a device error) ends the loop: the worker
+reports itself unhealthy, and `on_failure(exc)`, when its host set one, decides what becomes of
+the instance (the Ray actor ends its process, so Ray restarts the whole instance).
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class EngineLoop:
         self._wake = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.on_failure: Callable[[BaseException], None] | None = None  # set by the host
 
     def start(self) -> None:
         self._thread.start()
@@ -93,10 +98,17 @@ class EngineLoop:
             if self.housekeeping is not None:
                 self._guarded(self.housekeeping)
             if self.engine.has_unfinished_requests():
-                # A failing step is a bug, not bad input (that fails one request inside the
-                # engine): it ends the loop, the worker reports itself dead and is restarted.
+                # A failing step is a bug or a lost rank, not bad input (that fails one request
+                # inside the engine): it ends the loop, the worker reports itself dead and its host
+                # restarts it.
                 began = time.perf_counter()
-                outputs = self.engine.step(self.layer_hook)
+                try:
+                    outputs = self.engine.step(self.layer_hook)
+                except BaseException as exc:
+                    log.critical("%s: a step failed; the loop stops", self._thread.name, exc_info=True)
+                    if self.on_failure is not None:
+                        self.on_failure(exc)
+                    return
                 self.step_times.append(time.perf_counter() - began)
                 self.num_steps += 1
                 if outputs:

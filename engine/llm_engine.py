@@ -36,7 +36,7 @@ from engine.errors import (
 from engine.model_loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput, RequestTimeline
-from engine.parallel.ranks import TensorParallelRanks, load_rank
+from engine.parallel.ranks import ParallelRanks, RankPlace, load_rank
 from engine.sampler import SamplerOutput, make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
@@ -60,12 +60,17 @@ class LLMEngine:
         self.role = role
         self.config = config
         device = config.torch_device
-        self.ranks = None  # tensor parallel: ranks 1 .. N-1 (this process is rank 0)
-        if config.tensor_parallel_size > 1:
+        self.ranks = None  # tensor/pipeline parallel: ranks 1 .. N-1 (this process is rank 0)
+        links = None
+        if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
             if loaded is not None:
-                raise ValueError("a tensor-parallel engine loads its own shards; do not pass `loaded`")
-            self.ranks = TensorParallelRanks(config)
-            loaded, num_blocks = load_rank(config, 0, config.tensor_parallel_size, self.ranks.group)
+                raise ValueError("a parallel engine loads its own shards; do not pass `loaded`")
+            self.ranks = ParallelRanks(config)
+            try:
+                loaded, num_blocks, links = load_rank(config, RankPlace.of(config, 0), self.ranks.groups)
+            except BaseException:
+                self.ranks.close()
+                raise
             num_blocks = self.ranks.agree_num_blocks(num_blocks)
         else:
             loaded = loaded or load_model(config.model, config.torch_dtype, device, seed=config.seed)
@@ -89,6 +94,7 @@ class LLMEngine:
             num_blocks=num_blocks,
             fan_out=None if self.ranks is None else self.ranks.send,
             paged_attention=config.paged_attention,
+            links=links,
         )
         if config.cuda_graphs and device.type == "cuda" and config.paged_attention and self.ranks is None:
             self.runner.enable_cuda_graphs(config.max_num_seqs, self.max_model_len)
@@ -219,7 +225,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or bool(self._ready)
 
     def close(self) -> None:
-        """Stop the tensor-parallel ranks (a no-op for a single-process engine); the engine cannot
+        """Stop the engine's other ranks (a no-op for a single-process engine); the engine cannot
         step afterwards."""
         if self.ranks is not None:
             self.ranks.close()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +16,7 @@ from engine.loaders.gguf_loader import GGUFCheckpoint
 from engine.loaders.safetensors_loader import HFCheckpoint
 from engine.model_config import ModelConfig
 from engine.models.llama import LlamaForCausalLM
+from engine.parallel.pipeline import PPStage, apply_pipeline_stage
 from engine.parallel.tensor_parallel import TPShard
 from engine.presets import PRESETS
 from engine.tokenizer import Tokenizer
@@ -74,11 +75,16 @@ class LoadedModel:
 
 
 def dummy_weights(
-    config: ModelConfig, seed: int, dtype: torch.dtype, device: torch.device
+    config: ModelConfig,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    keep: Callable[[str], bool] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Random Hugging Face-named tensors for `config`, one at a time: N(0, 0.02), norm gains one.
     Each tensor is drawn from its own generator (seed and name), so a tensor-parallel rank that
-    keeps a slice sees the same values as a single process."""
+    keeps a slice, or a pipeline stage that keeps some (`keep(name)`; the rest are never drawn),
+    sees the same values as a single process."""
     h, f, q, kv = config.hidden_size, config.intermediate_size, config.q_size, config.kv_size
     shapes = {"model.embed_tokens.weight": (config.vocab_size, h), "model.norm.weight": (h,)}
     for i in range(config.num_layers):
@@ -99,6 +105,8 @@ def dummy_weights(
     if not config.tie_word_embeddings:
         shapes["lm_head.weight"] = (config.vocab_size, h)
     for name, shape in shapes.items():
+        if keep is not None and not keep(name):
+            continue
         if name.endswith("norm.weight"):
             yield name, torch.ones(shape, dtype=dtype, device=device)
             continue
@@ -132,26 +140,35 @@ def check_weights_fit(config: ModelConfig, dtype: torch.dtype, device: torch.dev
 
 
 def load_model(
-    model: str, dtype: torch.dtype, device: torch.device, seed: int = 0, tp: tuple[int, int] = (0, 1)
+    model: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    seed: int = 0,
+    tp: tuple[int, int] = (0, 1),
+    pp: tuple[int, int] = (0, 1),
 ) -> LoadedModel:
     """The model with its weights (random ones for dummy:<preset>, from `seed`). `tp` = (rank,
-    size): build and fill only that tensor-parallel rank's part (engine.parallel), streaming the
-    checkpoint one tensor at a time; `config` stays the whole model's."""
+    size) and `pp` = (stage, stages): build and fill only that rank's part of that pipeline stage
+    (engine.parallel), streaming the checkpoint one tensor at a time; `config` stays the whole
+    model's."""
     source = resolve_checkpoint(model)
     config = source if isinstance(source, ModelConfig) else source.config
-    shard = TPShard(config, *tp)
+    stage = PPStage(config, *pp)
+    shard = TPShard(stage.config, *tp)
     check_weights_fit(shard.config, dtype, device)
     with torch.device("meta"):
-        net = LlamaForCausalLM(shard.config)
+        net = apply_pipeline_stage(LlamaForCausalLM(shard.config), stage)
     net = net.to(dtype).to_empty(device=device)
     net.tie_weights()
     if isinstance(source, ModelConfig):
-        weights, total, tokenizer = dummy_weights(config, seed, dtype, device), None, None
+        weights, total, tokenizer = dummy_weights(config, seed, dtype, device, stage.holds), None, None
     else:
         weights, total, tokenizer = source.weights(), source.num_tensors, source.tokenizer()
-    where = f" (tensor-parallel rank {tp[0]} of {tp[1]})" if tp[1] > 1 else ""
+    parts = [f"stage {pp[0]} of {pp[1]}"] * (pp[1] > 1)
+    parts += [f"tensor-parallel rank {tp[0]} of {tp[1]}"] * (tp[1] > 1)
+    where = f" ({', '.join(parts)})" if parts else ""
     weights = tqdm(
         weights, total=total, desc=f"loading {model}{where}", unit="tensor", delay=1.0, leave=False
     )
-    net.load_weights(shard.weights(weights))
+    net.load_weights(shard.weights(stage.weights(weights)))
     return LoadedModel(net.eval(), config, tokenizer)

@@ -16,6 +16,7 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.forward_context import AttentionMetadata, DecodeGroup, PagedBatch, PrefillSegment, forward_context
 from engine.kv_cache import CacheConfig, allocate_kv_cache
 from engine.models.llama import LlamaForCausalLM
+from engine.parallel.pipeline import StageLinks, split_micro_batches
 from engine.sampler import Sampler, SamplerOutput
 from engine.scheduler import ScheduledChunk
 from kernels.paged_attention import context_mask, group_by_length
@@ -29,6 +30,16 @@ class StepInputs:
     sample_rows: torch.Tensor  # [S] rows of the flat batch whose hidden state gives a next token
 
 
+@dataclass(frozen=True)
+class Step:
+    """One step as every rank of an engine runs it: its micro-batches in chunk order (one unless
+    the engine has pipeline stages), and whether logits are wanted at every row (perplexity) or
+    only at the sampled ones."""
+
+    micro_batches: tuple[StepInputs, ...]
+    every_token: bool = False
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -38,12 +49,14 @@ class ModelRunner:
         onednn_linear: bool = True,
         sample_vocab_size: int | None = None,
         num_blocks: int | None = None,
-        fan_out: Callable[[StepInputs], None] | None = None,
+        fan_out: Callable[[Step], None] | None = None,
         paged_attention: bool = False,
+        links: StageLinks | None = None,
     ) -> None:
         """`sample_vocab_size` limits sampling to the first ids (those the tokenizer can spell).
-        Tensor parallel (engine.parallel): `num_blocks` sizes the cache the same on every rank,
-        and rank 0's `fan_out` hands each step's inputs to the other ranks before it runs them.
+        Tensor and pipeline parallel (engine.parallel): `num_blocks` sizes the cache the same on
+        every rank, rank 0's `fan_out` hands each step to the other ranks before it runs it, and
+        `links` are this rank's pipeline hand-offs (None with one stage).
         `paged_attention`: attention metadata for the paged kernels (EngineConfig.attention_backend)."""
         if device.type == "cpu":
             keep_freed_memory()  # a step's temporaries stay mapped between steps
@@ -53,9 +66,10 @@ class ModelRunner:
         self.config = model.config
         self.device = device
         self.block_size = cache_config.block_size
-        dtype = next(model.parameters()).dtype
-        self.kv_cache = allocate_kv_cache(self.config, cache_config, dtype, device, num_blocks)
+        self.dtype = next(model.parameters()).dtype
+        self.kv_cache = allocate_kv_cache(self.config, cache_config, self.dtype, device, num_blocks)
         self.fan_out = fan_out
+        self.links = links
         self.paged_attention = paged_attention
         self.graphs: DecodeGraphs | None = None  # enable_cuda_graphs
         self._layer_caches = [
@@ -177,31 +191,64 @@ class ModelRunner:
     ) -> torch.Tensor:
         """Logits [S, vocab] (float32) for the chunks that end their sequence, in chunk order.
         `on_layer_stored(layer)` runs as each layer's K/V land in the cache (layer-wise KV transfer)."""
-        inputs = self.prepare(chunks)
-        hidden = self.forward(inputs, on_layer_stored)
-        return self.model.compute_logits(hidden[inputs.sample_rows]).float()
+        return self._run(chunks, False, on_layer_stored)
 
     @torch.inference_mode()
     def compute_all_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
         """Logits [T, vocab] (float32) at every token the chunks compute (perplexity evaluation)."""
-        return self.model.compute_logits(self.forward(self.prepare(chunks))).float()
+        return self._run(chunks, True, None)
+
+    def _run(
+        self, chunks: list[ScheduledChunk], every_token: bool, on_layer_stored: Callable[[int], None] | None
+    ) -> torch.Tensor:
+        if self.links is None:
+            inputs = self.prepare(chunks)
+            if self.fan_out is not None:
+                self.fan_out(Step((inputs,), every_token))
+            return self.logits(self.forward(inputs, on_layer_stored), inputs, every_token)
+        if on_layer_stored is not None:
+            raise ValueError(
+                "layer-wise hooks need every layer in this process; an engine with pipeline stages "
+                "keeps later layers in other ranks"
+            )
+        runs = split_micro_batches(chunks, self.links.stage.size)
+        step = Step(tuple(self.prepare(run) for run in runs), every_token)
+        if self.fan_out is not None:
+            self.fan_out(step)
+        return self.links.run_step(self, step)
+
+    @torch.inference_mode()
+    def run_step(self, step: Step) -> None:
+        """Ranks other than 0: run rank 0's step (their part of it; rank 0 samples)."""
+        if self.links is not None:
+            self.links.run_step(self, step)
+            return
+        for inputs in step.micro_batches:
+            self.forward(inputs)
+
+    def logits(self, hidden: torch.Tensor, inputs: StepInputs, every_token: bool) -> torch.Tensor:
+        """Float32 logits at the sampled rows of `hidden` (every row with `every_token`)."""
+        return self.model.compute_logits(hidden if every_token else hidden[inputs.sample_rows]).float()
 
     @torch.inference_mode()
     def forward(
-        self, inputs: StepInputs, on_layer_stored: Callable[[int], None] | None = None
+        self,
+        inputs: StepInputs,
+        on_layer_stored: Callable[[int], None] | None = None,
+        embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The model over one step's inputs: hidden states [T, hidden], K/V stored in the cache.
-        Tensor-parallel ranks other than 0 call only this, with rank 0's inputs."""
-        if self.fan_out is not None:
-            self.fan_out(inputs)
+        """The model (this rank's layers of it) over one step's inputs: hidden states [T, hidden],
+        K/V stored in the cache. `embeds`: the previous pipeline stage's output, in place of the
+        token embeddings."""
         metadata = inputs.metadata
         self._bind_cache()
-        if on_layer_stored is None and self.graphs is not None and self.graphs.can_run(metadata):
+        eager = embeds is not None or on_layer_stored is not None or self.graphs is None
+        if not eager and self.graphs.can_run(metadata):
             return self.graphs.run(inputs.input_ids, inputs.positions, metadata)
         if on_layer_stored is not None:
             metadata = dataclasses.replace(metadata, on_layer_stored=on_layer_stored)
         with forward_context(metadata):
-            return self.model(inputs.input_ids, inputs.positions)
+            return self.model(inputs.input_ids, inputs.positions, inputs_embeds=embeds)
 
     def enable_cuda_graphs(self, max_batch: int, max_model_len: int, capture: bool = True) -> None:
         """Replay decode-only steps of up to `max_batch` sequences from CUDA graphs (engine/cuda_graphs.py);

@@ -192,11 +192,12 @@ def apply_plan(config: ClusterConfig, chosen: dict[str, Any]) -> ClusterConfig:
     pools = {}
     for role in roles:
         pool = chosen[role]
-        if pool["tp"] * pool["pp"] > 1:
+        if pool["tp"] * pool["pp"] > 1 and role != "colocated":
             raise PlacementError(
-                f"the plan gives {role} tp={pool['tp']} pp={pool['pp']}; tensor and pipeline "
-                "parallelism above 1 are not executable yet (the parallelism issue), so serve "
-                "refuses it: plan with placement.max_gpus or a config that keeps tp = pp = 1"
+                f"the plan gives {role} tp={pool['tp']} pp={pool['pp']}; a disaggregated pool with "
+                "tensor or pipeline parallelism needs the KV re-sharded between layouts in transit, "
+                "which is not executable yet, so serve refuses it (colocated replicas run any tp "
+                "and pp): plan with placement.max_gpus or a config that keeps tp = pp = 1"
             )
         pools[role] = dataclasses.replace(
             getattr(config, role), instances=pool["instances"], tp=pool["tp"], pp=pool["pp"]

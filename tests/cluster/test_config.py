@@ -78,10 +78,6 @@ def test_defaults_fill_what_is_left_out():
             r"^prefill\.max_num_batched_tokens: the batch token budget \(1024\) must hold at least one chunk",
         ),
         (
-            {"model": {"device": "cpu"}, "decode": {"tp": 2}},
-            r"^decode\.tp: tensor/pipeline parallel need GPUs; model\.device is cpu",
-        ),
-        (
             {"model": {"device": "cuda"}, "prefill": {"instances": 4, "tp": 2}, "placement": {"max_gpus": 8}},
             r"^placement\.max_gpus: the pools ask for 9 GPUs, more than the budget of 8",
         ),
@@ -152,3 +148,12 @@ def test_ray_cluster_file_passes_rays_own_schema():
     assert any("ray start --head" in command for command in cluster["head_start_ray_commands"])
     with pytest.raises(ValidationError):  # the schema is strict: a typo would not pass
         validate_config({**cluster, "max_worker": 4})
+
+
+def test_serve_refuses_parallel_disaggregated_pools_that_plan_still_reads():
+    config = config_from_dict({"model": {"device": "cpu"}, "decode": {"tp": 2}})  # a valid file
+    with pytest.raises(
+        ConfigError, match=r"^decode\.tp: tp=2 pp=1 in a disaggregated deployment needs the KV"
+    ):
+        config.check_servable()
+    config_from_dict({"model": {"device": "cpu"}, "colocated": {"instances": 2, "pp": 2}}).check_servable()

@@ -284,10 +284,11 @@ def test_killing_a_decode_actor_mid_stream_loses_no_request(cluster, stub, embed
     kill_mid_stream(cluster, stub, embedded_llm, "decode-0")  # Ray restarts it; streams move to decode-1
 
 
-def kill_mid_stream(server, stub, embedded_llm, victim_name: str) -> None:
-    """Four greedy streams; once each has its first token, kill `victim_name` (Ray restarts it).
-    Every stream ends replayed or UNAVAILABLE, some really were retried, the instance comes back
-    and no KV block is left held."""
+def kill_mid_stream(server, stub, embedded_llm, victim_name: str, kill=None) -> None:
+    """Four greedy streams; once each has its first token, kill `victim_name` (Ray restarts it;
+    `kill(instance)` does the killing, by default `ray.kill` of its actor). Every stream ends
+    replayed or UNAVAILABLE, some really were retried, the instance comes back and no KV block is
+    left held."""
     prompts = [f"{PROMPTS[i % 3]} (take {i})" for i in range(4)]
     n = 48
     expected = embedded_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
@@ -313,7 +314,10 @@ def kill_mid_stream(server, stub, embedded_llm, victim_name: str) -> None:
         t.start()
     started.wait(120)
     victim = server.controller.instances[victim_name]
-    ray.kill(victim.handle, no_restart=False)
+    if kill is None:
+        ray.kill(victim.handle, no_restart=False)
+    else:
+        kill(victim)
     assert_replayed_or_unavailable(threads, results, expected)
     assert server.metrics.retries._value.get() >= 1  # some streams really were on the killed actor
     deadline = time.monotonic() + 120
