@@ -6,6 +6,11 @@ profile of that hardware exists.)
     prefill_time(chunks)                chunks: (new tokens, tokens already cached) per sequence
     decode_time(num_seqs, num_context)  one token for each of `num_seqs` sequences whose context
                                         lengths (cached tokens plus the new one) sum to `num_context`
+    slowdown(phase, other)              how much longer a `phase` step ("prefill" or "decode")
+                                        takes while another instance on the same machine runs an
+                                        `other` step: 1 where instances share nothing (one GPU
+                                        each); measured by `pdserve profile` on a CPU, where
+                                        instances share the memory bandwidth
 
 Roofline: every operation takes max(FLOPs / (peak * compute efficiency), bytes / (bandwidth *
 memory efficiency)); a layer is its projections (weights read once per step), attention (KV read
@@ -44,6 +49,8 @@ class LatencyModel(Protocol):
 
     def decode_time(self, num_seqs: int, num_context: int) -> float: ...
 
+    def slowdown(self, phase: str, other: str) -> float: ...
+
 
 @dataclass(frozen=True)
 class FixedLatency:
@@ -58,6 +65,9 @@ class FixedLatency:
 
     def decode_time(self, num_seqs: int, num_context: int) -> float:
         return self.seconds
+
+    def slowdown(self, phase: str, other: str) -> float:
+        return 1.0
 
 
 @dataclass(frozen=True)
@@ -166,6 +176,10 @@ class Roofline:
         )
         layers = groups * self._layers_per_stage * layer
         return self.step_overhead + layers + self._lm_head(num_seqs) + self._hops(num_seqs)
+
+    def slowdown(self, phase: str, other: str) -> float:
+        """Instances on GPUs own their devices' memory: no slowdown from each other."""
+        return 1.0
 
     # --- memory --------------------------------------------------------------------------------
 

@@ -22,6 +22,7 @@ A profile file is JSON::
       "prefill": {"a": s, "b": s/token, "c": s/token^2},
       "decode": {"a": s, "b": s/context token, "c": s/sequence},
       "fit_error": {"prefill": {"median": r, "max": r}, "decode": {...}},   relative, on the samples
+      "contention": {"decode": {"decode": f, "prefill": f}, "prefill": {...}},   optional (CPU)
       "samples": {
         "prefill": [{"chunks": [[new, past], ...], "seconds": median, "runs": [s, ...]}, ...],
         "decode": [{"contexts": [ctx, ...], "seconds": median, "runs": [s, ...]}, ...],
@@ -30,6 +31,13 @@ A profile file is JSON::
     }
 
 `fit(profile.samples)` redoes the fits from the stored measurements.
+
+`contention[phase][other]` is how many times longer a `phase` step takes while another engine
+process on the same machine runs `other` steps back to back (the median over a few shapes,
+measured beside a real co-running engine): on a CPU the cores share the memory bandwidth, so two
+instances that both decode slow each other down, which a profile of one engine alone misses. The
+simulator applies it to steps that start while another instance steps. Absent (GPUs, where each
+instance has its own memory, or older files): 1.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import random
 import statistics
 import sys
@@ -58,6 +67,7 @@ if TYPE_CHECKING:
     from engine.llm_engine import LLMEngine
 
 FORMAT = 1
+START_TIMEOUT_S = 600.0  # for the co-running engine to load
 DEFAULT_PREFILL_BATCHES = (1, 2, 4)
 DEFAULT_DECODE_BATCHES = (1, 4, 16, 64)
 DEFAULT_DECODE_CONTEXTS = (128, 512, 1024)
@@ -123,6 +133,7 @@ class Profile:
     samples: dict = field(default_factory=dict)
     created: str = ""
     fit_error: dict = field(default_factory=dict)
+    contention: dict = field(default_factory=dict)  # {phase: {other phase: factor}}, see the module doc
 
     # --- placement.latency.LatencyModel ---------------------------------------------------------
 
@@ -134,6 +145,9 @@ class Profile:
         (decode_time(0, 0) is the fixed per-step cost, as the simulator expects)."""
         d = self.decode
         return d.a + d.b * num_context + d.c * num_seqs
+
+    def slowdown(self, phase: str, other: str) -> float:
+        return float(self.contention.get(phase, {}).get(other, 1.0))
 
     def scaled(self, prefill: float, decode: float) -> Profile:
         """Every prefill step `prefill` times as long and every decode step `decode` times (a
@@ -159,6 +173,7 @@ class Profile:
             "prefill": dataclasses.asdict(self.prefill),
             "decode": dataclasses.asdict(self.decode),
             "fit_error": self.fit_error,
+            "contention": self.contention,
             "samples": self.samples,
         }
 
@@ -192,8 +207,11 @@ _FIELDS = {
     "prefill": dict,
     "decode": dict,
     "fit_error": dict,
+    "contention": dict,
     "samples": dict,
 }
+_OPTIONAL = {"contention": {}}
+PHASES = ("prefill", "decode")
 
 
 def _from_dict(data: Any) -> Profile:
@@ -207,6 +225,7 @@ def _from_dict(data: Any) -> Profile:
     unknown = sorted(set(data) - set(_FIELDS))
     if unknown:
         raise PlacementError(f"unknown key {unknown[0]!r}; a profile has: {', '.join(_FIELDS)}")
+    data = {**_OPTIONAL, **data}
     for key, kind in _FIELDS.items():
         if key not in data:
             raise PlacementError(f"missing key {key!r}")
@@ -227,8 +246,23 @@ def _from_dict(data: Any) -> Profile:
             fits[key] = cls(**coefficients)
         except PlacementError as exc:
             raise PlacementError(f"{key}: {exc}") from None
+    _check_contention(data["contention"])
     rest = {k: v for k, v in data.items() if k not in ("format", "prefill", "decode")}
     return Profile(prefill=fits["prefill"], decode=fits["decode"], **rest)
+
+
+def _check_contention(contention: dict) -> None:
+    for phase, row in contention.items():
+        if phase not in PHASES or not isinstance(row, dict):
+            raise PlacementError(
+                f"contention: expected {{phase: {{phase: factor}}}} over {PHASES}, got {phase!r}"
+            )
+        for other, factor in row.items():
+            ok = isinstance(factor, int | float) and not isinstance(factor, bool) and 0 < factor < 100
+            if other not in PHASES or not ok:
+                raise PlacementError(
+                    f"contention.{phase}.{other} must be a factor in (0, 100), got {factor!r}"
+                )
 
 
 def _dump(value: Any, depth: int = 0) -> str:
@@ -456,6 +490,7 @@ def measure(
     decode_contexts: Sequence[int] | None = None,
     repeats: int = 3,
     progress: bool = True,
+    contention: bool = True,
 ) -> dict:
     """Time one engine step for every shape of the grid (the median of `repeats`); returns samples
     as in a profile's "samples".
@@ -465,13 +500,14 @@ def measure(
     Grids left None come from the config: prompt lengths 16, 32, ... up to prefill.chunk_size in
     batches of 1, 2 and 4 within the step's token budget, prompts of chunk_size/4 and chunk_size
     tokens chunked after one chunk_size chunk, and decode batches 1, 4, 16, 64 (up to
-    decode.max_batch) at contexts 128, 512 and 1024 tokens."""
+    decode.max_batch) at contexts 128, 512 and 1024 tokens.
+
+    With `contention`, on a CPU of two cores or more, a few of the shapes are timed again beside
+    a second engine process stepping prefill, then decode, back to back: samples["contention"]
+    holds the factors (the module doc) and the times they come from."""
     import torch
 
     from cluster.instance import engine_config
-    from engine.block_manager import blocks_needed
-    from engine.kv_cache import block_bytes
-    from engine.llm_engine import LLMEngine
     from engine.model_loader import load_model
 
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
@@ -486,21 +522,7 @@ def measure(
     warmup_prefill = (1, min(64, prefill[0][1]), 0)
     warmup_decode = (min(4, decode[0][0]), decode[0][1])
 
-    bs = base.block_size
-    blocks = max(
-        *(k * blocks_needed(new + past, bs) for k, new, past in prefill),
-        *(b * blocks_needed(ctx, bs) for b, ctx in decode),
-    )
-    most_seqs = max(max(k for k, _, _ in prefill), max(b for b, _ in decode))
-    engine = LLMEngine(
-        dataclasses.replace(
-            base,
-            kv_cache_memory=blocks * block_bytes(loaded.config, bs, base.torch_dtype),
-            max_num_seqs=most_seqs,
-            max_num_batched_tokens=max(config.prefill.max_num_batched_tokens, most_seqs),
-        ),
-        loaded=loaded,
-    )
+    engine = _profiling_engine(config, loaded, prefill, decode)
     bench = _Bench(engine)
     threads = {"prefill": max(1, int(config.prefill.cpus)), "decode": max(1, int(config.decode.cpus))}
     shapes = len(prefill) + len(decode)
@@ -528,16 +550,153 @@ def measure(
                 runs = [bench.decode(b, ctx) for _ in range(repeats)]
                 samples["decode"].append(_sample("contexts", [ctx] * b, runs))
                 bar.update()
+        if contention and engine.runner.device.type == "cpu" and (os.cpu_count() or 1) >= 2:
+            if progress:
+                print("timing a few shapes beside a co-running engine (contention)", file=sys.stderr)
+            samples["contention"] = _measure_contention(config, bench, threads, prefill, decode, repeats)
     finally:
         torch.set_num_threads(previous_threads)
     samples["environment"] = {
         "device": str(engine.runner.device),
         "threads": threads,
         "repeats": repeats,
-        "block_size": bs,
+        "block_size": base.block_size,
         "torch": torch.__version__,
     }
     return samples
+
+
+def _profiling_engine(
+    config: ClusterConfig,
+    loaded: Any,
+    prefill: Sequence[tuple[int, int, int]],
+    decode: Sequence[tuple[int, int]],
+) -> LLMEngine:
+    """The workers' engine (cluster.instance.engine_config) over `loaded`, with a KV cache and
+    batch limits that hold the largest of the shapes."""
+    from cluster.instance import engine_config
+    from engine.block_manager import blocks_needed
+    from engine.kv_cache import block_bytes
+    from engine.llm_engine import LLMEngine
+
+    base = engine_config(config, "prefill")
+    bs = base.block_size
+    blocks = max(
+        [k * blocks_needed(new + past + 1, bs) for k, new, past in prefill]  # + the sampled token
+        + [b * blocks_needed(ctx, bs) for b, ctx in decode]
+    )
+    most_seqs = max([k for k, _, _ in prefill] + [b for b, _ in decode])
+    return LLMEngine(
+        dataclasses.replace(
+            base,
+            kv_cache_memory=blocks * block_bytes(loaded.config, bs, base.torch_dtype),
+            max_num_seqs=most_seqs,
+            max_num_batched_tokens=max(config.prefill.max_num_batched_tokens, most_seqs),
+        ),
+        loaded=loaded,
+    )
+
+
+def _co_runner_shape(config: ClusterConfig, phase: str, max_len: int) -> tuple[int, ...]:
+    """What the co-running engine repeats: one prompt chunk, or a decode batch mid-sized."""
+    if phase == "prefill":
+        return (1, min(256, config.prefill.chunk_size, max_len - 1), 0)
+    return (min(16, config.decode.max_batch), min(512, max_len - 1))
+
+
+def _co_runner_main(config: ClusterConfig, phase: str, threads: int, ready: Any, stop: Any) -> None:
+    """A second engine process stepping `phase` back to back until `stop` is set."""
+    import torch
+
+    from cluster.instance import engine_config
+    from engine.model_loader import load_model
+
+    torch.set_num_threads(threads)
+    base = engine_config(config, "prefill")
+    loaded = load_model(base.model, base.torch_dtype, base.torch_device, seed=base.seed)
+    max_len = min(base.max_model_len or loaded.config.max_model_len, loaded.config.max_model_len)
+    shape = _co_runner_shape(config, phase, max_len)
+    prefills, decodes = ([shape], []) if phase == "prefill" else ([], [shape])
+    bench = _Bench(_profiling_engine(config, loaded, prefills, decodes))
+    step = bench.prefill if phase == "prefill" else bench.decode
+    for _ in range(2):
+        step(*shape)
+    ready.set()
+    while not stop.is_set():
+        step(*shape)
+
+
+def _contention_shapes(
+    prefill: Sequence[tuple[int, int, int]], decode: Sequence[tuple[int, int]]
+) -> tuple[list, list]:
+    """A few shapes of each grid to time beside a co-runner: the longest single prompt and one of
+    half its length; the smallest and a mid-sized decode batch at a middle context."""
+    singles = sorted((s for s in prefill if s[0] == 1 and s[2] == 0), key=lambda s: s[1]) or list(prefill)
+    contexts = sorted({ctx for _, ctx in decode})
+    middle = contexts[len(contexts) // 2]
+    batches = sorted(b for b, ctx in decode if ctx == middle)
+    return [singles[len(singles) // 2], singles[-1]], [
+        (batches[0], middle),
+        (batches[len(batches) // 2], middle),
+    ]
+
+
+def _measure_contention(
+    config: ClusterConfig,
+    bench: _Bench,
+    threads: dict[str, int],
+    prefill: Sequence[tuple[int, int, int]],
+    decode: Sequence[tuple[int, int]],
+    repeats: int,
+) -> dict:
+    """Time a few shapes alone, then beside a co-running engine process of each phase; the
+    factors are the medians of the ratios (see the module doc)."""
+    import multiprocessing as mp
+
+    import torch
+
+    prefill_shapes, decode_shapes = _contention_shapes(prefill, decode)
+
+    def timed() -> dict[str, list[float]]:
+        torch.set_num_threads(threads["prefill"])
+        times = {
+            "prefill": [statistics.median(bench.prefill(*s) for _ in range(repeats)) for s in prefill_shapes]
+        }
+        torch.set_num_threads(threads["decode"])
+        times["decode"] = [statistics.median(bench.decode(*s) for _ in range(repeats)) for s in decode_shapes]
+        return times
+
+    ctx = mp.get_context("spawn")
+    shapes = {"prefill": [list(s) for s in prefill_shapes], "decode": [list(s) for s in decode_shapes]}
+    runs: dict[str, Any] = {"shapes": shapes, "alone": timed()}
+    factors: dict[str, dict[str, float]] = {phase: {} for phase in PHASES}
+    for other in PHASES:
+        ready, stop = ctx.Event(), ctx.Event()
+        process = ctx.Process(
+            target=_co_runner_main, args=(config, other, threads[other], ready, stop), daemon=True
+        )
+        process.start()
+        try:
+            deadline = perf_counter() + START_TIMEOUT_S
+            while not ready.wait(0.5):
+                if not process.is_alive():
+                    raise PlacementError(f"the co-running {other} engine exited (code {process.exitcode})")
+                if perf_counter() > deadline:
+                    raise PlacementError(
+                        f"the co-running {other} engine did not start in {START_TIMEOUT_S:g} s"
+                    )
+            beside = timed()
+        finally:
+            stop.set()
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        runs[f"beside {other}"] = beside
+        for phase in PHASES:
+            ratios = [b / a for b, a in zip(beside[phase], runs["alone"][phase], strict=True)]
+            factors[phase][other] = round(max(1.0, statistics.median(ratios)), 4)
+    return {"factors": factors, "runs": runs}
 
 
 def _sample(key: str, shape: list, runs: list[float]) -> dict:
@@ -565,4 +724,5 @@ def profile_engine(
         samples=samples,
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         fit_error=errors,
+        contention=samples.get("contention", {}).get("factors", {}),
     )

@@ -15,8 +15,10 @@ through `cluster.router.Router`, and KV bytes come from the codec's own payload 
     decode Scheduler (adopt) ──► step of latency.decode_time(batch, context) ──► ... ──► last token (TPOT)
 
 `colocated` instances run prefill and decode in one engine (SARATHI-style mixed steps), the
-baseline disaggregation has to beat. A pool left out (`None`) takes no time: the search measures
-one phase alone that way, as DistServe's Algorithm 1 does.
+baseline disaggregation has to beat. Where the latency model says instances contend (a CPU
+profile: the machine's cores share its memory bandwidth), a step starting while another instance
+steps takes `slowdown(its phase, the other's phase)` times as long. A pool left out (`None`)
+takes no time: the search measures one phase alone that way, as DistServe's Algorithm 1 does.
 """
 
 from __future__ import annotations
@@ -169,6 +171,7 @@ class _Instance:
         self.name, self.role, self.pool = name, role, pool
         self.scheduler = Scheduler(pool.scheduler, pool.num_blocks, pool.block_size)
         self.busy = False
+        self.phase = ""  # while busy: "decode" (every chunk a decode) or "prefill" (any prompt work)
         self.requests: dict[str, _Request] = {}
 
     @property
@@ -233,7 +236,12 @@ class _Run:
         self.prefills = pool("prefill", cluster.prefill)
         self.decodes = pool("decode", cluster.decode)
         self.colocated = pool("colocated", cluster.colocated)
-        self.by_name = {i.name: i for i in self.prefills + self.decodes + self.colocated}
+        self.instances = self.prefills + self.decodes + self.colocated
+        self.by_name = {i.name: i for i in self.instances}
+        phases = ("prefill", "decode")
+        self.contention = len(self.instances) > 1 and any(
+            i.pool.latency.slowdown(a, b) != 1.0 for i in self.instances for a in phases for b in phases
+        )
 
     # --- the event loop -----------------------------------------------------------------------
 
@@ -350,13 +358,23 @@ class _Run:
         if not plan.chunks:
             return  # nothing fits now; a free will kick it again
         instance.busy = True
+        instance.phase = "decode" if all(_is_decode(c) for c in plan.chunks) else "prefill"
         if self.fast_forward and self._steady(instance, plan.chunks):
             self._run_steady(instance, plan.chunks)
             return
-        duration = instance.step_time(plan.chunks)
+        duration = instance.step_time(plan.chunks) * self._slowdown(instance)
         pipelined = instance.role == "prefill" and instance.pool.latency.pp > 1
         free_at = self.now + (duration / instance.pool.latency.pp if pipelined else duration)
         self.at(free_at, self.step_done, instance, plan.chunks, self.now, self.now + duration)
+
+    def _slowdown(self, instance: _Instance) -> float:
+        """The factor on a step `instance` starts now from the instances stepping beside it (the
+        one slowing it most; all share one machine where the latency model says they contend)."""
+        if not self.contention:
+            return 1.0
+        latency = instance.pool.latency
+        others = (i for i in self.instances if i.busy and i is not instance)
+        return max((latency.slowdown(instance.phase, other.phase) for other in others), default=1.0)
 
     def step_done(
         self, instance: _Instance, chunks: list[ScheduledChunk], started: float, ended: float
@@ -402,13 +420,14 @@ class _Run:
         free = instance.scheduler.allocator.num_free_blocks
         next_event = self.events[0][0] if self.events else math.inf
         latency = instance.pool.latency
+        factor = self._slowdown(instance)  # the others' state holds until the next event
         end, k = self.now, 0
         while k < steps_left and (k == 0 or end < next_event):
             if k:
                 free -= crossing[(1 - k) % bs]
                 if free < 0:
                     break
-            end += latency.decode_time(n, context + k * n)
+            end += latency.decode_time(n, context + k * n) * factor
             k += 1
         # Every step but the last starts before the next event, so its blocks are taken now, as
         # the Scheduler would take them at each step's start.

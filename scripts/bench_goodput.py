@@ -20,6 +20,11 @@ For each workload (lengths times `--length-scale`, the one factor that fits them
 Writes `OUT/<workload>/<configuration>/` (each bench report with its CDFs), and `OUT/results.json`,
 `OUT/summary.md`, `OUT/attainment.png` (attainment against rate, both configurations, per workload).
 A finished `<workload>/<configuration>` is kept on a rerun, so an interrupted experiment resumes.
+
+`--resimulate PROFILE` measures nothing: it simulates the recorded runs again, on the very
+requests each one sent and under the SLOs the experiment set, with another profile of the same
+machine (one taken with contention, say), and writes `OUT/resimulated.md` beside the original
+predictions and the measurements.
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ from cluster.config import ClusterConfig, SLOSection, load_config  # noqa: E402
 from placement import plan as planning  # noqa: E402
 from placement.planner import Planner  # noqa: E402
 from placement.profiler import Profile  # noqa: E402
-from placement.simulator import SLO  # noqa: E402
+from placement.simulator import SLO, attainment  # noqa: E402
+from placement.workload import RequestSpec  # noqa: E402
 
 # (TTFT, TPOT) SLO as multiples of one request's own latency on this hardware, in the pattern of
 # DistServe's choices (chatbot 0.25 s / 0.1 s, code 0.125 s / 0.2 s, summarization 15 s / 0.15 s):
@@ -264,6 +270,68 @@ def plot(out: Path, results: dict[str, Any]) -> Path:
     return path
 
 
+def resimulate(out: Path, profile_path: str, paths: dict[str, str], cores: int) -> Path:
+    """The recorded runs simulated again with `profile_path` (see the module doc)."""
+    results = json.loads((out / "results.json").read_text())
+    profile = Profile.load(profile_path)
+    lines = [
+        f"# The recorded runs simulated again with `{profile_path}`",
+        "",
+        f"Contention factors: {json.dumps(profile.contention) if profile.contention else 'none'}; "
+        f"the runs: `{results['profile']}` ({results['date']}).",
+        "",
+        "| workload | configuration | rate (req/s) | measured | simulated then | simulated now |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    winners = []
+    for workload, w in results["workloads"].items():
+        slo_section = SLOSection(**w["slo"])
+        slo = SLO(slo_section.ttft_ms / 1e3, slo_section.tpot_ms / 1e3, slo_section.attainment)
+        predicted = {}
+        for name in w["configs"]:
+            config = for_workload(
+                load_config(paths[name]), workload, slo_section, results["length_scale"], profile_path
+            )
+            predict = planning.predictor(config)
+            report = json.loads((out / workload / name / "results.json").read_text())
+            for run in sorted(report["runs"], key=lambda r: r["summary"]["rate"]):
+                sent = [RequestSpec(r["arrival"], r["input_len"], r["output_len"]) for r in run["predicted"]]
+                now = attainment(predict(sent, profile), slo)
+                s = run["summary"]
+                lines.append(
+                    f"| {workload} | {name} | {s['rate']:.3g} | {s['attainment']:.0%} | "
+                    f"{s['predicted_attainment']:.0%} | {now:.0%} |"
+                )
+            predicted[name] = predicted_goodput(config)
+        pick = planner_pick(
+            for_workload(
+                load_config(paths["disaggregated"]),
+                workload,
+                slo_section,
+                results["length_scale"],
+                profile_path,
+            ),
+            cores,
+        )
+        measured = {n: c["goodput"] for n, c in w["configs"].items()}
+        winners.append(
+            f"| {workload} | {' / '.join(f'{predicted[n]:.3g}' for n in measured)} | "
+            f"{max(predicted, key=predicted.get)} | {max(measured, key=measured.get)} | "
+            f"{pick['description']} |"
+        )
+    lines += [
+        "",
+        "| workload | predicted goodput now ("
+        + " / ".join(next(iter(results["workloads"].values()))["configs"])
+        + ") | predicted winner now | measured winner | planner's pick now |",
+        "|---|---|---|---|---|",
+        *winners,
+    ]
+    path = out / "resimulated.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -281,6 +349,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="goodput-results")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--resimulate", metavar="PROFILE", help="simulate the recorded runs with PROFILE")
     args = parser.parse_args()
 
     out = Path(args.out)
@@ -294,6 +363,9 @@ def main() -> None:
     max_len = min(bases["disaggregated"].model.max_model_len or model.max_model_len, model.max_model_len)
     cores = round(bases["disaggregated"].prefill.cpus + bases["disaggregated"].decode.cpus)
     attainment_target = bases["disaggregated"].slo.attainment
+    if args.resimulate:
+        print(resimulate(out, args.resimulate, paths, cores).read_text())
+        return
     results: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "date": datetime.now(UTC).strftime("%Y-%m-%d"),

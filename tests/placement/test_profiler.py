@@ -4,8 +4,10 @@ are refused with the file's name."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
+import statistics
 
 import numpy as np
 import pytest
@@ -168,6 +170,30 @@ def test_measure_and_fit_on_the_embedded_model(tiny_profile):
     assert profile.fit_error["decode"]["median"] < 0.25
     assert fit(profile.samples) == (profile.prefill, profile.decode, profile.fit_error)
 
+    # Contention: a few shapes timed alone and beside a co-running engine of each phase.
+    contention = profile.samples["contention"]
+    assert contention["runs"]["shapes"] == {
+        "prefill": [[1, 32, 0], [1, 128, 0]],
+        "decode": [[1, 256], [16, 256]],
+    }
+    for key in ("alone", "beside prefill", "beside decode"):
+        times = contention["runs"][key]
+        assert (
+            len(times["prefill"]) == len(times["decode"]) == 2 and min(times["prefill"] + times["decode"]) > 0
+        )
+    assert profile.contention == contention["factors"]
+    assert {(p, o) for p, row in profile.contention.items() for o in row} == {
+        (p, o) for p in ("prefill", "decode") for o in ("prefill", "decode")
+    }
+    assert all(factor >= 1.0 for row in profile.contention.values() for factor in row.values())
+    ratio = statistics.median(
+        b / a
+        for b, a in zip(
+            contention["runs"]["beside decode"]["decode"], contention["runs"]["alone"]["decode"], strict=True
+        )
+    )
+    assert profile.slowdown("decode", "decode") == pytest.approx(max(1.0, ratio), abs=1e-4)
+
 
 def test_measure_refuses_a_grid_the_config_cannot_run():
     with pytest.raises(PlacementError, match=r"prefill_lengths: \[512\] out of range"):
@@ -193,6 +219,26 @@ def test_save_load_round_trip(profile, tmp_path):
     profile.save(path)
     assert json.loads(path.read_text())["format"] == 1
     assert Profile.load(path) == profile
+    shared = dataclasses.replace(profile, contention={"decode": {"decode": 1.6, "prefill": 1.2}})
+    shared.save(path)
+    assert Profile.load(path) == shared
+    assert (shared.slowdown("decode", "decode"), shared.slowdown("prefill", "decode")) == (1.6, 1.0)
+
+
+def test_a_profile_without_contention_loads_with_none_and_bad_factors_are_refused(profile, tmp_path):
+    path = tmp_path / "profile.json"
+    data = profile.to_dict()
+    del data["contention"]  # a file from before contention was measured
+    path.write_text(json.dumps(data))
+    assert Profile.load(path).slowdown("decode", "decode") == 1.0
+    for bad, problem in (
+        ({"decode": {"decode": 0}}, r"contention\.decode\.decode must be a factor in \(0, 100\), got 0"),
+        ({"decode": {"attention": 1.5}}, r"contention\.decode\.attention must be a factor"),
+        ({"sampling": {}}, r"contention: expected \{phase: \{phase: factor\}\}"),
+    ):
+        path.write_text(json.dumps({**data, "contention": bad}))
+        with pytest.raises(PlacementError, match=problem):
+            Profile.load(path)
 
 
 @pytest.mark.parametrize(

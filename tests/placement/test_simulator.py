@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import statistics
+from dataclasses import dataclass
 
 import pytest
 
@@ -107,3 +108,30 @@ def test_early_stop_only_when_the_target_is_out_of_reach():
     early = Simulator(pools(20000)).run(requests, slo, stop_below=True)
     assert full.attainment(slo) < 0.9
     assert early.stopped_early and early.attainment(slo) == 0.0
+
+
+@dataclass(frozen=True)
+class Contending(FixedLatency):
+    """Every step takes `factor` times as long while another instance steps (a CPU's shared
+    memory bandwidth, as `pdserve profile` measures it)."""
+
+    factor: float = 2.0
+
+    def slowdown(self, phase: str, other: str) -> float:
+        return self.factor
+
+
+def test_steps_beside_a_busy_instance_take_the_latency_models_slowdown():
+    def colocated(latency) -> SimCluster:
+        pool = PoolSpec(2, latency, SchedulerConfig(8, 256, 256), num_blocks=1000)
+        return SimCluster(colocated=pool, dispatch_delay=0.0, start_delay=0.0)
+
+    two = [RequestSpec(0.0, 20, 11), RequestSpec(0.001, 20, 11)]  # one per replica, stepping together
+    free = Simulator(colocated(FixedLatency(0.01))).run(two).requests
+    shared = Simulator(colocated(Contending(0.01))).run(two).requests
+    for alone, beside in zip(free, shared, strict=True):
+        assert alone.tpot == pytest.approx(0.01)
+        assert 1.7 * alone.tpot <= beside.tpot <= 2.0 * alone.tpot + 1e-9
+    # a request with the other replica idle steps at full speed
+    (lone,) = Simulator(colocated(Contending(0.01))).run([RequestSpec(0.0, 20, 11)]).requests
+    assert (lone.ttft, lone.tpot) == (pytest.approx(0.01), pytest.approx(0.01))
