@@ -40,6 +40,7 @@ COMPUTE_EFFICIENCY = 0.65
 MEMORY_EFFICIENCY = 0.8
 # Per step: scheduling, input preparation, kernel launches and sampling on the host.
 STEP_OVERHEAD_S = 2e-3
+PHASES = ("prefill", "decode")  # what `slowdown` takes: a step with prompt work, or decodes only
 
 
 class LatencyModel(Protocol):

@@ -61,9 +61,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from placement.errors import PlacementError
+from placement.latency import PHASES
 
 if TYPE_CHECKING:
     from cluster.config import ClusterConfig
+    from engine.engine_config import EngineConfig
     from engine.llm_engine import LLMEngine
 
 FORMAT = 1
@@ -211,7 +213,6 @@ _FIELDS = {
     "samples": dict,
 }
 _OPTIONAL = {"contention": {}}
-PHASES = ("prefill", "decode")
 
 
 def _from_dict(data: Any) -> Profile:
@@ -507,16 +508,11 @@ def measure(
     holds the factors (the module doc) and the times they come from."""
     import torch
 
-    from cluster.instance import engine_config
-    from engine.model_loader import load_model
-
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise PlacementError(f"repeats must be an integer >= 1, got {repeats!r}")
-    base = engine_config(config, "prefill")
     if prefill_lengths is not None:  # the ranges that need no model, checked before loading it
         _check_grid("prefill_lengths", prefill_lengths, 1, config.prefill.chunk_size, "prefill.chunk_size")
-    loaded = load_model(base.model, base.torch_dtype, base.torch_device, seed=base.seed)
-    max_len = min(base.max_model_len or loaded.config.max_model_len, loaded.config.max_model_len)
+    base, loaded, max_len = _load(config)
     prefill = _prefill_shapes(config, max_len, prefill_lengths, prefill_batches, prefill_chunked)
     decode = _decode_shapes(config, max_len, decode_batches, decode_contexts)
     warmup_prefill = (1, min(64, prefill[0][1]), 0)
@@ -566,6 +562,17 @@ def measure(
     return samples
 
 
+def _load(config: ClusterConfig) -> tuple[EngineConfig, Any, int]:
+    """The workers' engine settings (cluster.instance.engine_config), the model loaded for them,
+    and the longest sequence it takes."""
+    from cluster.instance import engine_config
+    from engine.model_loader import load_model
+
+    base = engine_config(config, "prefill")
+    loaded = load_model(base.model, base.torch_dtype, base.torch_device, seed=base.seed)
+    return base, loaded, min(base.max_model_len or loaded.config.max_model_len, loaded.config.max_model_len)
+
+
 def _profiling_engine(
     config: ClusterConfig,
     loaded: Any,
@@ -608,13 +615,8 @@ def _co_runner_main(config: ClusterConfig, phase: str, threads: int, ready: Any,
     """A second engine process stepping `phase` back to back until `stop` is set."""
     import torch
 
-    from cluster.instance import engine_config
-    from engine.model_loader import load_model
-
     torch.set_num_threads(threads)
-    base = engine_config(config, "prefill")
-    loaded = load_model(base.model, base.torch_dtype, base.torch_device, seed=base.seed)
-    max_len = min(base.max_model_len or loaded.config.max_model_len, loaded.config.max_model_len)
+    _, loaded, max_len = _load(config)
     shape = _co_runner_shape(config, phase, max_len)
     prefills, decodes = ([shape], []) if phase == "prefill" else ([], [shape])
     bench = _Bench(_profiling_engine(config, loaded, prefills, decodes))

@@ -34,7 +34,7 @@ from engine.block_manager import blocks_needed
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from engine.sequence import Sequence as EngineSequence
-from placement.latency import LatencyModel
+from placement.latency import PHASES, LatencyModel
 from placement.workload import RequestSpec
 
 _PARAMS = SamplingParams(temperature=0.0, ignore_eos=True)  # lengths come from the workload
@@ -238,9 +238,8 @@ class _Run:
         self.colocated = pool("colocated", cluster.colocated)
         self.instances = self.prefills + self.decodes + self.colocated
         self.by_name = {i.name: i for i in self.instances}
-        phases = ("prefill", "decode")
         self.contention = len(self.instances) > 1 and any(
-            i.pool.latency.slowdown(a, b) != 1.0 for i in self.instances for a in phases for b in phases
+            i.pool.latency.slowdown(a, b) != 1.0 for i in self.instances for a in PHASES for b in PHASES
         )
 
     # --- the event loop -----------------------------------------------------------------------
@@ -358,7 +357,8 @@ class _Run:
         if not plan.chunks:
             return  # nothing fits now; a free will kick it again
         instance.busy = True
-        instance.phase = "decode" if all(_is_decode(c) for c in plan.chunks) else "prefill"
+        if self.contention:  # only `_slowdown` reads it; the search's runs skip the pass
+            instance.phase = "decode" if all(_is_decode(c) for c in plan.chunks) else "prefill"
         if self.fast_forward and self._steady(instance, plan.chunks):
             self._run_steady(instance, plan.chunks)
             return

@@ -155,7 +155,8 @@ class StageLinks:
 
     def run_step(self, runner: ModelRunner, step: Step) -> torch.Tensor | None:
         """This rank's part of one step, micro-batch after micro-batch. Returns the step's logits
-        (float32, in chunk order) on rank 0 and None elsewhere."""
+        (float32, in chunk order) on rank 0 (always on the first stage: there are two or more) and
+        None elsewhere."""
         stage, hidden_size = self.stage, runner.config.hidden_size
         dtype, device = runner.dtype, runner.device
         gives_logits = stage.last and self.tp_rank == 0
@@ -170,12 +171,8 @@ class StageLinks:
                 if not stage.last:
                     self._send(hidden, self.rank + self.tp_size, m)
                 elif gives_logits:
-                    out = runner.logits(hidden, inputs, step.every_token)
-                    if self.rank == 0:
-                        logits.append(out)
-                    else:
-                        self._send(out, 0, m)
-            if self.rank == 0 and not stage.last:
+                    self._send(runner.logits(hidden, inputs, step.every_token), 0, m)
+            if self.rank == 0:
                 last = (stage.size - 1) * self.tp_size
                 vocab = runner.config.vocab_size
                 for m, inputs in enumerate(step.micro_batches):
