@@ -24,7 +24,7 @@ import ray
 import torch
 
 from cluster.config import ClusterConfig
-from cluster.instance import build_colocated, build_decode, build_prefill
+from cluster.instance import build_colocated, build_decode, build_prefill, kv_endpoints
 from cluster.router import DecodeLoad, PrefillLoad
 from decode_worker.worker import DecodeChunk, DecodeWorker
 from engine.sampling_params import SamplingParams
@@ -38,7 +38,8 @@ class InstanceInfo:
     """Where an instance runs; it changes when Ray restarts the actor."""
 
     node_id: str
-    endpoints: tuple[tuple[str, str], ...] = ()  # decode: (transport kind, address) it listens on
+    # decode: (transport kind, the address each of its ranks listens on)
+    endpoints: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,7 @@ class DecodeInstance:
         self._loop.call_soon_threadsafe(self._ready.set)
 
     async def info(self) -> InstanceInfo:
-        return InstanceInfo(
-            _node_id(), tuple((kind, server.address) for kind, server in self.servers.items())
-        )
+        return InstanceInfo(_node_id(), kv_endpoints(self.worker, self.servers) if self.servers else ())
 
     async def reserve(self, request_id: str, num_prompt_tokens: int) -> None:
         await asyncio.wrap_future(self.worker.reserve(request_id, num_prompt_tokens))

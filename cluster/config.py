@@ -299,18 +299,19 @@ class ClusterConfig:
         )
 
     def check_servable(self) -> None:
-        """What `pdserve serve` cannot run yet although the file is valid (`pdserve plan` still
-        reads it): tensor or pipeline parallelism in a disaggregated pool, which needs the KV
-        re-sharded between the two pools' layouts in transit."""
-        if self.is_colocated:
+        """What `pdserve serve` cannot run although the file is valid (`pdserve plan` still reads
+        it): a tensor- or pipeline-parallel pool in a disaggregated deployment whose KV transport
+        cannot reach every rank (each rank sends or receives its own part of the KV over shm or
+        gRPC; `local` is one process and the ranks are not Ray workers)."""
+        if self.is_colocated or self.kv_transfer.transport in ("auto", "shm", "grpc"):
             return
         for pool in ("prefill", "decode"):
             section = getattr(self, pool)
-            if section.gpus_per_instance > 1:
+            if section.tp * section.pp > 1:
                 raise ConfigError(
-                    f"{pool}.tp: tp={section.tp} pp={section.pp} in a disaggregated deployment needs "
-                    "the KV re-sharded between the two pools' layouts in transit, which is not built "
-                    "yet; colocated replicas run tensor and pipeline parallelism (colocated.tp, colocated.pp)"
+                    f"kv_transfer.transport: {pool}.tp={section.tp} x {pool}.pp={section.pp} moves each "
+                    f"rank's part of the KV over its own link, which the {self.kv_transfer.transport!r} "
+                    "transport cannot do; use auto, shm or grpc"
                 )
 
     def to_dict(self) -> dict[str, Any]:

@@ -39,6 +39,7 @@ from cluster.router import Router
 from cluster.validation import RequestValidator
 from engine.sampling_params import SamplingParams
 from kv_transfer.errors import TransferError
+from kv_transfer.resharding import KVDestination
 from prefill_worker.worker import PrefillRequest, PrefillResult
 
 log = logging.getLogger(__name__)
@@ -232,13 +233,16 @@ class Controller:
         finally:
             self._num_queued -= 1
 
-    def _endpoint(self, prefill: Instance, decode: Instance) -> tuple[str, str]:
+    def _destination(self, prefill: Instance, decode: Instance) -> KVDestination:
+        """Where `prefill` sends the KV: each of `decode`'s ranks over shm when the two share a
+        node and the decode side serves it, else over gRPC."""
         endpoints = dict(decode.info.endpoints)
         if len(endpoints) == 1:
-            return next(iter(endpoints.items()))
-        same_node = prefill.info.node_id == decode.info.node_id
-        kind = "shm" if same_node and "shm" in endpoints else "grpc"
-        return kind, endpoints[kind]
+            kind = next(iter(endpoints))
+        else:
+            same_node = prefill.info.node_id == decode.info.node_id
+            kind = "shm" if same_node and "shm" in endpoints else "grpc"
+        return KVDestination(kind, endpoints[kind], self.config.decode.tp, self.config.decode.pp)
 
     async def generate(
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
@@ -329,7 +333,7 @@ class Controller:
         try:
             await decode.handle.reserve.remote(attempt_id, len(ids))
             marks.setdefault("prefill_sent", time.monotonic())
-            request = PrefillRequest(attempt_id, tuple(ids), params, self._endpoint(prefill, decode))
+            request = PrefillRequest(attempt_id, tuple(ids), params, self._destination(prefill, decode))
             result = await prefill.handle.prefill.remote(request)
         except RayActorError:
             self._mark_dead(prefill if not await _alive(prefill) else decode)

@@ -1,6 +1,7 @@
 """Building one pool instance from the deployment config: its engine in the right role, its KV
-sender or receiver, and the transport servers a decode instance listens on (a colocated replica
-is a decode worker whose engine prefills its own prompts, with no KV to receive). Plain functions, so
+sender or receiver (across every rank of a tensor- or pipeline-parallel instance), and the
+transport servers a decode instance listens on (a colocated replica is a decode worker whose
+engine prefills its own prompts, with no KV to receive). Plain functions, so
 the same instance runs inside a Ray actor (cluster/actors.py) or directly in a test."""
 
 from __future__ import annotations
@@ -12,12 +13,16 @@ from decode_worker.worker import DecodeChunk, DecodeWorker
 from engine.engine_config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_loader import LoadedModel
+from engine.parallel.rank_service import RankServices
 from kv_transfer import transports
 from kv_transfer.codecs import CodecSpec
-from kv_transfer.layout import KVLayout
+from kv_transfer.instance_receiver import InstanceReceiver
+from kv_transfer.instance_sender import InstanceSender
+from kv_transfer.rank_kv import RankKVService, num_sources, rank_layout
 from kv_transfer.receiver import KVReceiver
+from kv_transfer.resharding import ShardLayout
 from kv_transfer.sender import KVSender
-from kv_transfer.transport import Connection, TransportServer
+from kv_transfer.transport import TransportServer
 from prefill_worker.worker import PrefillWorker
 
 # What a decode instance listens on for each configured transport ("auto" picks per request: shm
@@ -66,35 +71,58 @@ def engine_config(config: ClusterConfig, role: str) -> EngineConfig:
     )
 
 
-def _layout(engine: LLMEngine) -> KVLayout:
-    return KVLayout.of_cache(engine.model_config, engine.runner.kv_cache)
+def _codec(config: ClusterConfig) -> CodecSpec:
+    kv = config.kv_transfer
+    return CodecSpec(kv.codec, "" if kv.lossless == "none" else kv.lossless)
 
 
-def connector(config: ClusterConfig) -> Callable[[tuple[str, str]], Connection]:
-    """How a prefill instance opens a link to a decode instance's (kind, address)."""
-    token = config.server.auth_token
+def _receive_limit(config: ClusterConfig) -> int:
+    """The largest frame a decode rank accepts: twice what a sender makes, headers and all."""
+    return max(config.kv_transfer.max_frame_bytes, 1 << 20) * 2
 
-    def connect(endpoint: tuple[str, str]) -> Connection:
-        kind, address = endpoint
-        options = {"token": token} if kind == "grpc" else {}
-        return transports.connect(kind, address, **options)
 
-    return connect
+def rank_service(config: ClusterConfig, role: str, host: str = "127.0.0.1") -> RankKVService | None:
+    """What the ranks beyond 0 of a parallel prefill or decode instance run for KV transfer."""
+    pool = getattr(config, role)
+    if pool.tp * pool.pp == 1:
+        return None
+    kv = config.kv_transfer
+    return RankKVService(
+        role,
+        _codec(config),
+        kv.lease_seconds,
+        kv.max_frame_bytes if role == "prefill" else _receive_limit(config),
+        token=config.server.auth_token,
+        kinds=SERVED_KINDS[kv.transport],
+        host=host,
+        source=(config.prefill.tp, config.prefill.pp),
+    )
+
+
+def _services(engine: LLMEngine) -> RankServices | None:
+    return engine.ranks.services if engine.ranks is not None else None
 
 
 def build_prefill(config: ClusterConfig, loaded: LoadedModel | None = None) -> PrefillWorker:
-    engine = LLMEngine(engine_config(config, "prefill"), loaded=loaded, role="prefill")
+    engine = LLMEngine(
+        engine_config(config, "prefill"),
+        loaded=loaded,
+        role="prefill",
+        rank_service=rank_service(config, "prefill"),
+    )
     kv = config.kv_transfer
-    codec = CodecSpec(kv.codec, "" if kv.lossless == "none" else kv.lossless)
+    shard = ShardLayout.of(engine.model_config, config.prefill.tp, config.prefill.pp)
     sender = KVSender(
         engine.runner.kv_cache,
-        _layout(engine),
-        engine.scheduler.allocator,
-        codec,
+        rank_layout(engine.model_config, engine.runner.kv_cache, shard, 0),
+        None,  # the instance sender frees the blocks, once every rank has sent its part
+        _codec(config),
         lease_seconds=kv.lease_seconds,
         max_frame_bytes=kv.max_frame_bytes,
     )
-    return PrefillWorker(engine, sender, connector(config), layerwise=kv.layerwise)
+    connect = transports.connector(config.server.auth_token)
+    instance = InstanceSender(sender, shard, engine.scheduler.allocator, connect, _services(engine))
+    return PrefillWorker(engine, instance, layerwise=kv.layerwise)
 
 
 def build_decode(
@@ -103,22 +131,41 @@ def build_decode(
     loaded: LoadedModel | None = None,
     host: str = "127.0.0.1",
 ) -> tuple[DecodeWorker, dict[str, TransportServer]]:
-    """The worker (streaming each step's chunks to `emit`) and its KV servers by kind; the caller
-    closes the servers when it stops."""
-    engine = LLMEngine(engine_config(config, "decode"), loaded=loaded, role="decode")
+    """The worker (streaming each step's chunks to `emit`) and rank 0's KV servers by kind; the
+    caller closes the servers when it stops (the other ranks close their own)."""
+    engine = LLMEngine(
+        engine_config(config, "decode"),
+        loaded=loaded,
+        role="decode",
+        rank_service=rank_service(config, "decode", host),
+    )
     kv = config.kv_transfer
+    model = engine.model_config
+    shard = ShardLayout.of(model, config.decode.tp, config.decode.pp)
     receiver = KVReceiver(
         engine.runner.kv_cache,
-        _layout(engine),
+        rank_layout(model, engine.runner.kv_cache, shard, 0),
         engine.scheduler.allocator,
         timeout=kv.lease_seconds,
-        max_frame_bytes=max(kv.max_frame_bytes, 1 << 20) * 2,
+        max_frame_bytes=_receive_limit(config),
     )
-    servers: dict[str, TransportServer] = {}
-    for kind in SERVED_KINDS[kv.transport]:
-        options = {"host": host, "token": config.server.auth_token} if kind == "grpc" else {}
-        servers[kind] = transports.serve(kind, receiver, **options)
-    return DecodeWorker(engine, receiver, emit), servers
+    servers = transports.serve_kinds(SERVED_KINDS[kv.transport], receiver, host, config.server.auth_token)
+    sources = num_sources(ShardLayout.of(model, config.prefill.tp, config.prefill.pp), shard, 0)
+    instance = InstanceReceiver(receiver, sources, _services(engine))
+    return DecodeWorker(engine, instance, emit), servers
+
+
+def kv_endpoints(
+    worker: DecodeWorker, servers: dict[str, TransportServer]
+) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """(transport kind, the address of each rank's server) of a decode instance: what a prefill
+    instance's KVDestination names."""
+    services = worker.receiver.services
+    others = services.ranks if services is not None else ()
+    return tuple(
+        (kind, (server.address, *(services.info[rank][kind] for rank in others)))
+        for kind, server in servers.items()
+    )
 
 
 def build_colocated(

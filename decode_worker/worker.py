@@ -3,17 +3,19 @@ adopts the request once the KV has arrived, decodes it in the running batch, and
 each step adds. With an engine in the colocated role (and no receiver) it is a colocated replica:
 `submit` hands it a fresh prompt, which it prefills in chunks between decode steps.
 
-    reserve(request, num_prompt_tokens)        blocks reserved in the KVReceiver (deadline set)
+    reserve(request, num_prompt_tokens)        blocks reserved on every rank (deadline set)
         ... KV frames arrive through the transport server into those blocks, then the ack ...
     start(request, prompt, first_token, params)
-        KVReceiver.take ──► engine.add_prefilled ──► running batch
+        receiver.take ──► engine.add_prefilled ──► running batch
         every step: emit([DecodeChunk, ...]) once, one chunk per request with new tokens or text;
         a request's last chunk has finish_reason
     abort(request)                             wherever it is: reserved, receiving, or decoding
     submit(request, prompt, params)            colocated: prefill here, then as above from the
                                                first token on
 
-The engine and the receiver's reservations are touched only on the loop thread; blocks come back
+The receiver is an InstanceReceiver (kv_transfer/instance_receiver.py): on a tensor- or
+pipeline-parallel instance each rank receives its own part of the KV. The engine and the
+receiver's reservations are touched only on the loop thread; blocks come back
 to the allocator when a request finishes, fails, is aborted, or its KV never arrives.
 """
 
@@ -29,7 +31,7 @@ from engine.engine_loop import EngineLoop
 from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from kv_transfer.receiver import KVReceiver
+from kv_transfer.instance_receiver import InstanceReceiver
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,7 @@ class DecodeWorker:
     def __init__(
         self,
         engine: LLMEngine,
-        receiver: KVReceiver | None,
+        receiver: InstanceReceiver | None,
         emit: Callable[[list[DecodeChunk]], None],
     ) -> None:
         """`emit` gets every request's chunks of a step in one call (on the loop thread), so one
@@ -63,7 +65,7 @@ class DecodeWorker:
         receiver its KV arrives through; a colocated engine has none."""
         if (engine.role, receiver is None) not in (("decode", False), ("colocated", True)):
             raise ValueError(
-                "a DecodeWorker needs a decode engine with a KVReceiver or a colocated engine without "
+                "a DecodeWorker needs a decode engine with a receiver or a colocated engine without "
                 f"one, got a {engine.role} engine {'without' if receiver is None else 'with'} a receiver"
             )
         self.engine = engine
@@ -153,7 +155,7 @@ class DecodeWorker:
             pending_tokens=self._pending_tokens,
         )
 
-    def _receiver(self) -> KVReceiver:
+    def _receiver(self) -> InstanceReceiver:
         if self.receiver is None:
             raise ValueError("a colocated replica prefills its own prompts; it takes no transferred KV")
         return self.receiver

@@ -36,6 +36,7 @@ from engine.errors import (
 from engine.model_loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput, RequestTimeline
+from engine.parallel.rank_service import RankServiceFactory
 from engine.parallel.ranks import ParallelRanks, RankPlace, load_rank
 from engine.sampler import SamplerOutput, make_generator
 from engine.sampling_params import SamplingParams
@@ -51,10 +52,16 @@ LayerHook = Callable[[list[tuple[str, list[int]]], int], None]
 
 class LLMEngine:
     def __init__(
-        self, config: EngineConfig, loaded: LoadedModel | None = None, role: str = "colocated"
+        self,
+        config: EngineConfig,
+        loaded: LoadedModel | None = None,
+        role: str = "colocated",
+        rank_service: RankServiceFactory | None = None,
     ) -> None:
         """`loaded` reuses a model already in memory (its attention layers are rebound to this
-        engine's KV cache at every step, so engines sharing one model must step in turn)."""
+        engine's KV cache at every step, so engines sharing one model must step in turn).
+        `rank_service`: what every rank beyond 0 of a parallel engine runs beside its steps,
+        reachable as `ranks.services` (engine/parallel/rank_service.py)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.role = role
@@ -65,7 +72,7 @@ class LLMEngine:
         if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
             if loaded is not None:
                 raise ValueError("a parallel engine loads its own shards; do not pass `loaded`")
-            self.ranks = ParallelRanks(config)
+            self.ranks = ParallelRanks(config, rank_service)
             try:
                 loaded, num_blocks, links = load_rank(config, RankPlace.of(config, 0), self.ranks.groups)
             except BaseException:

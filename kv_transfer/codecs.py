@@ -38,9 +38,13 @@ class CodecSpec:
     def scale_layout(self) -> str:
         return _SCALE_LAYOUTS[self.name]
 
-    def raw_nbytes(self, layout: KVLayout, num_blocks: int, num_layers: int) -> int:
-        """Payload bytes before the lossless stage for `num_layers` layers of `num_blocks` blocks."""
+    def raw_nbytes(
+        self, layout: KVLayout, num_blocks: int, num_layers: int, num_heads: int | None = None
+    ) -> int:
+        """Payload bytes before the lossless stage for `num_layers` layers of `num_blocks` blocks
+        and `num_heads` KV heads (every head the layout's cache holds by default)."""
         t, h, d = layout.block_shape
+        h = h if num_heads is None else num_heads
         return num_layers * layer_nbytes(self.name, num_blocks, t, h, d, layout.torch_dtype.itemsize)
 
     def compression_ratio(self, layout: KVLayout, num_blocks: int, baseline: torch.dtype) -> float:
@@ -56,10 +60,12 @@ def check_layout(spec: CodecSpec, layout: KVLayout) -> None:
 
 
 def _use_triton(spec: CodecSpec, cache: torch.Tensor) -> bool:
-    """The Triton kernels run on GPUs for power-of-two block sizes and head dims; else the reference."""
+    """The Triton kernels run on GPUs for power-of-two block sizes and head dims over a whole
+    cache tensor; else the reference (which also reads and writes a view of some of its KV heads,
+    what a transfer between instances that split heads differently moves)."""
     _, _, _, block_size, _, head_dim = cache.shape
     pow2 = not (block_size & (block_size - 1) or head_dim & (head_dim - 1))
-    return cache.is_cuda and spec.name != "none" and pow2
+    return cache.is_cuda and spec.name != "none" and pow2 and cache.is_contiguous()
 
 
 def encode(

@@ -4,19 +4,21 @@
     0        4     magic  b"PDKV"
     4        4     H: header length, uint32 little-endian (at most MAX_HEADER_BYTES)
     8        H     header: a msgpack map, keys below
-    8 + H    P     payload: P bytes, the codec's output for layers [layer_start, layer_end) of the
-                   frame's blocks (kv_transfer.codecs describes its inner layout), after the
-                   optional lossless stage
+    8 + H    P     payload: P bytes, the codec's output for layers [layer_start, layer_end) and
+                   KV heads [head_start, head_end) of the frame's blocks (kv_transfer.codecs
+                   describes its inner layout), after the optional lossless stage
 
     header key   meaning
     v            wire format version (FORMAT_VERSION); another version is refused
     req          request id
     fp           fingerprint of model and cache layout (kv_transfer.layout.KVLayout.fingerprint)
-    layers       [layer_start, layer_end)
+    layers       [layer_start, layer_end), in the model's numbering
+    heads        [head_start, head_end), the model's KV heads the payload carries (all of them
+                 unless the two instances split heads differently: kv_transfer/resharding.py)
     blocks       the sender's block ids, in request order (diagnostics; the receiver's differ)
     first        index of blocks[0] within the request's block table; the receiver writes block i
                  of the frame into its own reserved block table[first + i]
-    bs kvh hd    block size, KV heads, head dim
+    bs kvh hd    block size, the model's KV heads, head dim
     dtype        the cache dtype (float32 | bfloat16 | float16)
     codec        none | fp8 | int8 | int4
     scales       the codec's scale layout (kv_transfer.codecs), e.g. for fp8 "k,v:f32[block,head]";
@@ -56,7 +58,7 @@ from kv_transfer.errors import (
 )
 
 MAGIC = b"PDKV"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the head range (frames between instances of different layouts)
 PREFIX = struct.Struct("<4sI")  # magic, header length
 MAX_HEADER_BYTES = 1 << 20
 LOSSLESS = ("", "zstd", "lz4")
@@ -68,6 +70,7 @@ _FIELDS = {  # wire key -> (attribute, type)
     "req": ("request_id", str),
     "fp": ("fingerprint", str),
     "layers": ("layers", list),
+    "heads": ("heads", list),
     "blocks": ("block_ids", list),
     "first": ("first_block", int),
     "bs": ("block_size", int),
@@ -90,6 +93,7 @@ class FrameHeader:
     request_id: str
     fingerprint: str
     layers: tuple[int, int]
+    heads: tuple[int, int]
     block_ids: tuple[int, ...]
     first_block: int
     block_size: int
@@ -111,6 +115,11 @@ class FrameHeader:
     @property
     def layer_range(self) -> range:
         return range(*self.layers)
+
+    @property
+    def num_heads(self) -> int:
+        """KV heads the payload carries."""
+        return self.heads[1] - self.heads[0]
 
     def encode(self) -> bytes:
         """magic + header length + msgpack header: the frame's bytes before the payload."""
@@ -167,9 +176,10 @@ def _check_fields(raw: dict) -> FrameHeader:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise FrameError(f"frame header field {key!r} must be {kind.__name__}, got {value!r:.80}")
         values[attr] = value
-    layers, blocks = values["layers"], values["block_ids"]
-    if len(layers) != 2 or not all(isinstance(x, int) for x in layers) or not 0 <= layers[0] < layers[1]:
-        raise FrameError(f"frame layer range {layers!r:.80} is not [start, end) with 0 <= start < end")
+    layers, heads, blocks = values["layers"], values["heads"], values["block_ids"]
+    for name, span in (("layer", layers), ("head", heads)):
+        if len(span) != 2 or not all(isinstance(x, int) for x in span) or not 0 <= span[0] < span[1]:
+            raise FrameError(f"frame {name} range {span!r:.80} is not [start, end) with 0 <= start < end")
     if not blocks or not all(isinstance(b, int) and b >= 0 for b in blocks):
         raise FrameError("frame block ids must be a non-empty list of non-negative ints")
     for attr in ("first_block", "block_size", "num_kv_heads", "head_dim", "raw_len", "payload_len"):
@@ -181,7 +191,9 @@ def _check_fields(raw: dict) -> FrameHeader:
         raise UnknownCodecError(f"unknown lossless stage {values['lossless']!r}; known: zstd, lz4")
     if values["checksum_alg"] not in CHECKSUMS:
         raise UnknownCodecError(f"unknown checksum {values['checksum_alg']!r}; known: {CHECKSUMS}")
-    values["layers"], values["block_ids"] = tuple(layers), tuple(blocks)
+    if heads[1] > values["num_kv_heads"]:
+        raise FrameError(f"frame head range {heads} exceeds the model's {values['num_kv_heads']} KV heads")
+    values["layers"], values["heads"], values["block_ids"] = tuple(layers), tuple(heads), tuple(blocks)
     return FrameHeader(**values)
 
 

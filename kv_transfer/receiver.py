@@ -13,6 +13,11 @@ range, duplicates, payload length and checksum. Any failure fails the whole tran
 cluster retries the request) and frees its blocks; other transfers are unaffected. Transport
 threads call on_frame/on_end/on_abort while the decode loop calls reserve/take/expire, so every
 entry point holds one lock.
+
+One rank of a tensor- or pipeline-parallel decode instance holds a rectangle of the model's
+layers x KV heads (its `layout`); its pieces may come from several prefill ranks (`sources`, one
+end each, kv_transfer/resharding.py), and it may receive into blocks its rank 0 reserved
+(`adopt`: the blocks are not its to free).
 """
 
 from __future__ import annotations
@@ -73,8 +78,12 @@ class IncomingTransfer:
     num_tokens: int
     block_ids: list[int]
     deadline: float
-    received: torch.Tensor  # bool [num_layers, num_blocks]: which (layer, block) pieces arrived
+    received: torch.Tensor  # bool [layers held, heads held, blocks]: which pieces arrived
+    owned: bool = True  # the blocks are this receiver's to free (reserve, not adopt)
+    sources: int = 1  # senders that each end the transfer
     num_frames: int = 0
+    ends: int = 0
+    frames_declared: int = 0  # by the ends so far
     state: ReceiveState = ReceiveState.RECEIVING
 
 
@@ -91,7 +100,7 @@ class KVReceiver:
         self,
         cache: torch.Tensor,
         layout: KVLayout,
-        allocator: BlockAllocator,
+        allocator: BlockAllocator | None,
         timeout: float = DEFAULT_RECEIVE_TIMEOUT,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         clock: Callable[[], float] = time.monotonic,
@@ -108,24 +117,65 @@ class KVReceiver:
 
     # --- the decode loop's side ---------------------------------------------------------------
 
-    def reserve(self, request_id: str, num_tokens: int, timeout: float | None = None) -> list[int]:
-        """Allocate blocks for `num_tokens` of prompt KV; the transfer must complete within `timeout`."""
+    def reserve(
+        self, request_id: str, num_tokens: int, timeout: float | None = None, sources: int = 1
+    ) -> list[int]:
+        """Allocate blocks for `num_tokens` of prompt KV; the transfer must complete within
+        `timeout`, its pieces coming from `sources` senders."""
+        with self._lock:
+            self._check_reservation(request_id, num_tokens, sources)
+            n = blocks_needed(num_tokens, self.layout.block_size)
+            if self.allocator is None or not self.allocator.can_allocate(n):
+                free = 0 if self.allocator is None else self.allocator.num_free_blocks
+                raise ReservationError(f"request {request_id!r} needs {n} KV blocks, {free} are free")
+            blocks = self.allocator.allocate(n)
+            self._open(request_id, num_tokens, blocks, timeout, sources, owned=True)
+            return list(blocks)
+
+    def adopt(
+        self,
+        request_id: str,
+        num_tokens: int,
+        block_ids: list[int],
+        timeout: float | None = None,
+        sources: int = 1,
+    ) -> None:
+        """Receive into `block_ids`, reserved by someone else (rank 0 of this parallel instance),
+        who frees them: this receiver only writes into them and forgets them when it ends."""
+        with self._lock:
+            self._check_reservation(request_id, num_tokens, sources)
+            n = blocks_needed(num_tokens, self.layout.block_size)
+            if len(block_ids) != n or not all(0 <= b < self.cache.shape[2] for b in block_ids):
+                raise ReservationError(
+                    f"request {request_id!r}: {len(block_ids)} block ids for {n} blocks "
+                    f"(each below {self.cache.shape[2]}) expected"
+                )
+            self._open(request_id, num_tokens, list(block_ids), timeout, sources, owned=False)
+
+    def _check_reservation(self, request_id: str, num_tokens: int, sources: int) -> None:
         if num_tokens <= 0:
             raise ReservationError(f"request {request_id!r}: num_tokens must be positive, got {num_tokens}")
-        with self._lock:
-            if request_id in self._transfers:
-                raise ReservationError(f"request {request_id!r} already has a reservation")
-            n = blocks_needed(num_tokens, self.layout.block_size)
-            if not self.allocator.can_allocate(n):
-                raise ReservationError(
-                    f"request {request_id!r} needs {n} KV blocks, {self.allocator.num_free_blocks} are free"
-                )
-            self._outcomes.pop(request_id, None)
-            blocks = self.allocator.allocate(n)
-            deadline = self.clock() + (self.timeout if timeout is None else timeout)
-            received = torch.zeros(self.layout.num_layers, n, dtype=torch.bool)
-            self._transfers[request_id] = IncomingTransfer(request_id, num_tokens, blocks, deadline, received)
-            return list(blocks)
+        if sources < 1:
+            raise ReservationError(f"request {request_id!r}: sources must be positive, got {sources}")
+        if request_id in self._transfers:
+            raise ReservationError(f"request {request_id!r} already has a reservation")
+
+    def _open(
+        self,
+        request_id: str,
+        num_tokens: int,
+        blocks: list[int],
+        timeout: float | None,
+        sources: int,
+        owned: bool,
+    ) -> None:
+        self._outcomes.pop(request_id, None)
+        deadline = self.clock() + (self.timeout if timeout is None else timeout)
+        lay = self.layout
+        received = torch.zeros(lay.num_local_layers, lay.num_local_heads, len(blocks), dtype=torch.bool)
+        self._transfers[request_id] = IncomingTransfer(
+            request_id, num_tokens, blocks, deadline, received, owned, sources
+        )
 
     def take(self, request_id: str) -> list[int]:
         """The blocks of a completed transfer, handed over to the caller (who frees them later)."""
@@ -167,7 +217,7 @@ class KVReceiver:
         """Layers of a transfer in progress that arrived whole (every block), for progress and metrics."""
         with self._lock:
             t = self._transfers.get(request_id)
-            return 0 if t is None else int(t.received.all(dim=1).sum())
+            return 0 if t is None else int(t.received.flatten(1).all(dim=1).sum())
 
     @property
     def num_transfers(self) -> int:
@@ -177,8 +227,9 @@ class KVReceiver:
 
     @property
     def num_reserved_blocks(self) -> int:
+        """Blocks this receiver reserved (and will free) for transfers not yet taken."""
         with self._lock:
-            return sum(len(t.block_ids) for t in self._transfers.values())
+            return sum(len(t.block_ids) for t in self._transfers.values() if t.owned)
 
     # --- FrameSink: the transport's side --------------------------------------------------------
 
@@ -197,6 +248,7 @@ class KVReceiver:
                 first, last = header.first_block, header.first_block + header.num_blocks
                 dst = torch.tensor(t.block_ids[first:last], dtype=torch.int64, device=self.cache.device)
                 self._decode(header, frame.payload, dst)
+                layers, heads = self._local(header)
             except TransferError as exc:
                 self._close(t, ReceiveState.FAILED, exc)
                 raise
@@ -204,19 +256,25 @@ class KVReceiver:
                 error = TransferError(f"frame for {header.request_id!r} could not be decoded: {exc!r}")
                 self._close(t, ReceiveState.FAILED, error)
                 raise error from exc
-            t.received[header.layers[0] : header.layers[1], first:last] = True
+            t.received[layers, heads, first:last] = True
             t.num_frames += 1
 
     def on_end(self, request_id: str, num_frames: int) -> None:
+        """One sender is done (its frames, delivered in order before its end, all arrived): the
+        transfer completes at the last sender's end, when every piece must be there."""
         with self._lock:
             t = self._receiving(request_id)
-            missing = (~t.received).nonzero()
-            if len(missing) or num_frames != t.num_frames:
-                layers = sorted({int(layer) for layer, _ in missing.tolist()})
+            t.ends += 1
+            t.frames_declared += num_frames
+            if t.ends < t.sources:
+                return
+            missing = (~t.received.flatten(1).all(dim=1)).nonzero().flatten().tolist()
+            if missing or t.frames_declared != t.num_frames:
+                layers = [self.layout.layers[0] + layer for layer in missing]
                 what = f"with layers {_ranges(layers)} incomplete" if layers else "with frames missing"
                 error = LayerSequenceError(
                     f"the transfer of {request_id!r} ended {what} "
-                    f"({t.num_frames} of the {num_frames} frames sent arrived)"
+                    f"({t.num_frames} of the {t.frames_declared} frames sent arrived)"
                 )
                 self._close(t, ReceiveState.FAILED, error)
                 raise error
@@ -235,19 +293,27 @@ class KVReceiver:
         it (one pass over memory, not two) and compared at the end: a corrupted payload may have
         been written into the reserved blocks by then, and the transfer's failure frees them."""
         spec = CodecSpec(header.codec, header.lossless)
+        layer_slice, head_slice = self._local(header)
+        layers = (layer_slice.start, layer_slice.stop)
+        cache = self.cache if header.heads == self.layout.heads else self.cache[..., head_slice, :]
         if not (header.checksum_alg == StreamingChecksum.alg and streams_checksum(payload, header.lossless)):
             verify_payload(header, payload)
             raw = codecs.decompress(header.lossless, payload, header.raw_len)
-            codecs.decode(spec, raw, self.cache, header.layers, dst)
+            codecs.decode(spec, raw, cache, layers, dst)
             return
         check_payload_length(header, payload)
         streaming = StreamingChecksum()
         try:
-            codecs.decode(spec, payload, self.cache, header.layers, dst, streaming.update)
+            codecs.decode(spec, payload, cache, layers, dst, streaming.update)
         except Exception:
             check_checksum(header, payload_checksum(payload, header.checksum_alg))  # corruption first
             raise
         check_checksum(header, streaming.intdigest())
+
+    def _local(self, h: FrameHeader) -> tuple[slice, slice]:
+        """The frame's layers and heads in this cache's own numbering."""
+        (l0, _), (h0, _) = self.layout.layers, self.layout.heads
+        return slice(h.layers[0] - l0, h.layers[1] - l0), slice(h.heads[0] - h0, h.heads[1] - h0)
 
     def _receiving(self, request_id: str) -> IncomingTransfer:
         t = self._transfers.get(request_id)
@@ -288,8 +354,15 @@ class KVReceiver:
                 f"frame for {h.request_id!r} comes from another model or cache layout "
                 f"(fingerprint {h.fingerprint}, this worker {mine.fingerprint})"
             )
-        if h.layers[1] > mine.num_layers:
-            raise LayoutMismatchError(f"frame layers {h.layers} exceed this model's {mine.num_layers} layers")
+        for name, (lo, hi), (held_lo, held_hi) in (
+            ("layers", h.layers, mine.layers),
+            ("KV heads", h.heads, mine.heads),
+        ):
+            if lo < held_lo or hi > held_hi:
+                raise LayoutMismatchError(
+                    f"frame for {h.request_id!r} carries {name} {lo}-{hi - 1}; this cache holds "
+                    f"{held_lo}-{held_hi - 1}"
+                )
         if h.first_block + h.num_blocks > len(t.block_ids):
             raise LayoutMismatchError(
                 f"frame blocks {h.first_block}..{h.first_block + h.num_blocks - 1} exceed the "
@@ -307,7 +380,7 @@ class KVReceiver:
                 f"this worker reads {spec.scale_layout!r} (mismatched pdserve builds?)"
             )
         num_layers = h.layers[1] - h.layers[0]
-        expected = spec.raw_nbytes(mine, h.num_blocks, num_layers)
+        expected = spec.raw_nbytes(mine, h.num_blocks, num_layers, h.num_heads)
         if h.raw_len != expected:  # checked before decompressing: the size comes from our own layout
             raise LayoutMismatchError(
                 f"frame for {h.request_id!r} declares {h.raw_len} bytes of {h.codec} KV; "
@@ -315,16 +388,18 @@ class KVReceiver:
             )
         if not h.lossless and h.payload_len != h.raw_len:
             raise FrameError(f"frame for {h.request_id!r}: {h.payload_len} payload bytes but raw {h.raw_len}")
-        seen = t.received[h.layers[0] : h.layers[1], h.first_block : h.first_block + h.num_blocks]
+        layers, heads = self._local(h)
+        seen = t.received[layers, heads, h.first_block : h.first_block + h.num_blocks]
         if seen.any():
-            layer = h.layers[0] + int(seen.any(dim=1).nonzero()[0])
+            layer = h.layers[0] + int(seen.flatten(1).any(dim=1).nonzero()[0])
             raise LayerSequenceError(f"layer {layer} of {h.request_id!r} arrived twice")
 
     def _close(self, t: IncomingTransfer, state: ReceiveState, error: TransferError | None) -> None:
         """End a transfer: free its blocks exactly once and remember the outcome."""
         if self._transfers.pop(t.request_id, None) is None:
             return
-        self.allocator.free(t.block_ids)
+        if t.owned:
+            self.allocator.free(t.block_ids)
         t.state = state
         self._remember(t.request_id, TransferOutcome(state, error))
 

@@ -11,9 +11,10 @@ A to layout B is the list of non-empty intersections of A's rectangles with B's:
     rank 0: layers 0-29, heads 0-1   ──────►  rank 0: layers 0-14, heads 0-2  (pieces from 0 and 1)
     rank 1: layers 0-29, head  2     ──────►  rank 1: layers 15-29, heads 0-2 (pieces from 0 and 1)
 
-The pieces of one decode rank tile its rectangle exactly once, whatever the two layouts, which is
-what `Piece.take` / `Piece.put` rely on: each piece is cut from the sender's own cache tensor
-(its local layer and head numbering) and written into the receiver's.
+The pieces of one decode rank tile its rectangle exactly once, whatever the two layouts: each
+piece travels as frames of its own from the prefill rank holding it to the decode rank owning it
+(kv_transfer/rank_kv.py), cut from the sender's cache and written into the receiver's in their
+own layer and head numbering; `Piece.take` / `Piece.put` do the same on tensors, for tests.
 """
 
 from __future__ import annotations
@@ -123,3 +124,32 @@ def reshard_plan(src: ShardLayout, dst: ShardLayout) -> list[Piece]:
 def pieces_for(plan: list[Piece], dst: int) -> list[Piece]:
     """What decode rank `dst` waits for before its part of the request is complete."""
     return [p for p in plan if p.dst == dst]
+
+
+def pieces_from(plan: list[Piece], src: int) -> list[Piece]:
+    """What prefill rank `src` sends."""
+    return [p for p in plan if p.src == src]
+
+
+@dataclass(frozen=True)
+class KVDestination:
+    """Where a request's KV goes: a decode instance laid out `tp` x `pp`, whose rank r listens
+    for transport `kind` at `addresses[r]`."""
+
+    kind: str
+    addresses: tuple[str, ...]
+    tp: int = 1
+    pp: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.addresses) != self.tp * self.pp:
+            raise InvalidConfigError(
+                f"a tp={self.tp} x pp={self.pp} decode instance has {self.tp * self.pp} ranks to "
+                f"send to; {len(self.addresses)} addresses given"
+            )
+
+    def endpoint(self, rank: int) -> tuple[str, str]:
+        return self.kind, self.addresses[rank]
+
+    def layout(self, model_layers: int, model_kv_heads: int) -> ShardLayout:
+        return ShardLayout(model_layers, model_kv_heads, self.tp, self.pp)

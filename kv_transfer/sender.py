@@ -2,6 +2,7 @@
 blocks under a lease until the decode side acknowledges.
 
     start(request, blocks, connection)        the sender now owns one reference to the blocks
+                                              (or routes: pieces of them to several receivers)
       │ send_layers(request, upto)  ...       as prefill finishes layers (or send_all at once)
       ▼
     finish(request) ── ack ──────────────────► DONE     blocks freed
@@ -13,6 +14,11 @@ Whatever happens, the blocks are freed exactly once and the receiver is told whe
 go; `num_held_blocks` returns to where it was. Thread-safe: the prefill loop sends while a
 housekeeping thread may call expire(); a transfer waiting for its ack is never expired under it
 (the wait itself is bounded by the lease).
+
+A transfer goes to one connection (the receiver holds what this cache holds), or along several
+`Route`s, each carrying a rectangle of layers x KV heads to its own receiver: what one rank of a
+tensor- or pipeline-parallel instance sends to the ranks of a decode instance laid out
+differently (kv_transfer/resharding.py). Frames name layers and heads in the model's numbering.
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import enum
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -54,30 +60,50 @@ class SendState(enum.Enum):
     EXPIRED = "expired"
 
 
+@dataclass(frozen=True)
+class Route:
+    """One receiver of a transfer and the model's `layers` x `heads` it gets (within the sender's)."""
+
+    connection: Connection
+    layers: range
+    heads: range
+
+
+@dataclass
+class _RouteState:
+    route: Route
+    num_frames: int = 0
+
+
 @dataclass
 class OutgoingTransfer:
     request_id: str
     block_ids: list[int]
-    connection: Connection
+    routes: list[_RouteState]
     expires_at: float
     block_tensor: torch.Tensor  # block_ids as int64 on the cache's device
-    layers_sent: int = 0
-    num_frames: int = 0
+    layers_sent: int = 0  # of this cache's layers, counted from its first
     state: SendState = SendState.SENDING
     ending: bool = False  # finish() is waiting for the ack
+
+    @property
+    def num_frames(self) -> int:
+        return sum(r.num_frames for r in self.routes)
 
 
 class KVSender:
     def __init__(
         self,
-        cache: torch.Tensor,
+        cache: torch.Tensor,  # this rank's cache, holding layout.layers x layout.heads
         layout: KVLayout,
-        allocator: BlockAllocator,
+        allocator: BlockAllocator | None,
         codec: CodecSpec | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         max_frame_bytes: int = DEFAULT_MAX_FRAME_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """`allocator` is None when the blocks belong to someone else (the other ranks of a parallel
+        instance: rank 0 frees them once every rank has read them)."""
         if lease_seconds <= 0:
             raise ValueError(f"lease_seconds must be positive, got {lease_seconds}")
         codec = codec or CodecSpec()
@@ -104,32 +130,52 @@ class KVSender:
             t = self._transfers.get(request_id)
             return t.state if t is not None else self._outcomes.get(request_id)
 
-    def start(self, request_id: str, block_ids: list[int], connection: Connection) -> None:
-        """Take over one reference to `block_ids` (the request's blocks, in order) under a lease."""
+    def start(self, request_id: str, block_ids: list[int], to: Connection | Sequence[Route]) -> None:
+        """Take over one reference to `block_ids` (the request's blocks, in order) under a lease;
+        `to`: the connection that gets all of this cache's KV, or the routes that share it."""
         if not block_ids:
             raise TransferError(f"request {request_id!r} has no KV blocks to send")
+        if isinstance(to, Connection):
+            to = [Route(to, self.layout.layer_range, self.layout.head_range)]
+        routes = [_RouteState(self._check_route(route)) for route in to]
+        if not routes:
+            raise TransferError(f"request {request_id!r} has nowhere to send its KV")
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.cache.device)
         with self._lock:
             if request_id in self._transfers:
                 raise TransferError(f"a transfer of {request_id!r} is already in progress")
             self._outcomes.pop(request_id, None)
             expires = self.clock() + self.lease_seconds
-            self._transfers[request_id] = OutgoingTransfer(
-                request_id, list(block_ids), connection, expires, ids
-            )
+            self._transfers[request_id] = OutgoingTransfer(request_id, list(block_ids), routes, expires, ids)
+
+    def _check_route(self, route: Route) -> Route:
+        for name, span, held in (
+            ("layers", route.layers, self.layout.layer_range),
+            ("KV heads", route.heads, self.layout.head_range),
+        ):
+            if not len(span) or span.start < held.start or span.stop > held.stop:
+                raise TransferError(
+                    f"a route of {name} {span.start}-{span.stop - 1} is not within the "
+                    f"{held.start}-{held.stop - 1} this cache holds"
+                )
+        return route
 
     def send_layers(self, request_id: str, upto: int) -> None:
-        """Send layers [layers already sent, upto): call as prefill finishes each layer."""
+        """Send this cache's layers [layers already sent, upto) (counted from its first layer): call
+        as prefill finishes each layer."""
         with self._lock:
             t = self._active(request_id)
-            if not t.layers_sent <= upto <= self.layout.num_layers:
-                raise ValueError(
-                    f"cannot send layers up to {upto}: "
-                    f"{t.layers_sent} of {self.layout.num_layers} already sent"
-                )
+            held = self.layout.num_local_layers
+            if not t.layers_sent <= upto <= held:
+                raise ValueError(f"cannot send layers up to {upto}: {t.layers_sent} of {held} already sent")
             try:
-                for a, b, first, count in self._frame_plan(t.layers_sent, upto, len(t.block_ids)):
-                    self._send_frame(t, a, b, first, count)
+                first_layer = self.layout.layers[0]
+                for r in t.routes:
+                    lo = max(t.layers_sent, r.route.layers.start - first_layer)
+                    hi = min(upto, r.route.layers.stop - first_layer)
+                    heads = len(r.route.heads)
+                    for a, b, first, count in self._frame_plan(lo, hi, len(t.block_ids), heads):
+                        self._send_frame(t, r, a, b, first, count)
             except Exception as exc:  # noqa: BLE001 - any failure ends the transfer, blocks freed
                 error = exc if isinstance(exc, TransferError) else TransferError(f"sending failed: {exc!r}")
                 self._tell_abort(t, f"failed on the prefill side: {error}")
@@ -138,7 +184,7 @@ class KVSender:
             t.layers_sent = upto
 
     def send_all(self, request_id: str) -> None:
-        self.send_layers(request_id, self.layout.num_layers)
+        self.send_layers(request_id, self.layout.num_local_layers)
 
     def finish(self, request_id: str, timeout: float | None = None) -> None:
         """Send what is left, then wait for the acknowledgement (within the lease); frees the blocks
@@ -147,9 +193,12 @@ class KVSender:
             self.send_all(request_id)
             t = self._transfers[request_id]
             t.ending = True
-            left = t.expires_at - self.clock()
         try:  # not under the lock: the wait may be long, and aborts/expiry of others go on
-            t.connection.end(request_id, t.num_frames, left if timeout is None else min(timeout, left))
+            for r in t.routes:  # the receivers decode in parallel; waiting in turn costs the slowest
+                wait = max(0.0, t.expires_at - self.clock())
+                r.route.connection.end(
+                    request_id, r.num_frames, wait if timeout is None else min(timeout, wait)
+                )
         except Exception as exc:  # noqa: BLE001 - any failure ends the transfer, blocks freed
             error = (
                 exc
@@ -201,39 +250,52 @@ class KVSender:
             raise TransferError(f"the transfer of {request_id!r} already ended ({outcome.value})")
         raise TransferAbortedError(f"the transfer of {request_id!r} already ended ({outcome.value})")
 
-    def _frame_plan(self, start: int, end: int, num_blocks: int) -> Iterator[tuple[int, int, int, int]]:
+    def _frame_plan(
+        self, start: int, end: int, num_blocks: int, num_heads: int
+    ) -> Iterator[tuple[int, int, int, int]]:
         """(layer_start, layer_end, first_block, num_blocks) per frame, each under max_frame_bytes."""
-        per_layer = self.codec.raw_nbytes(self.layout, num_blocks, 1)
+        per_layer = self.codec.raw_nbytes(self.layout, num_blocks, 1, num_heads)
         if per_layer <= self.max_frame_bytes:
             step = max(1, self.max_frame_bytes // per_layer)
             for a in range(start, end, step):
                 yield a, min(a + step, end), 0, num_blocks
             return
-        per_block = max(1, self.max_frame_bytes // self.codec.raw_nbytes(self.layout, 1, 1))
+        per_block = max(1, self.max_frame_bytes // self.codec.raw_nbytes(self.layout, 1, 1, num_heads))
         for layer in range(start, end):
             for first in range(0, num_blocks, per_block):
                 yield layer, layer + 1, first, min(per_block, num_blocks - first)
 
-    def _send_frame(self, t: OutgoingTransfer, a: int, b: int, first: int, count: int) -> None:
-        raw_len = self.codec.raw_nbytes(self.layout, count, b - a)
+    def _send_frame(
+        self, t: OutgoingTransfer, r: _RouteState, a: int, b: int, first: int, count: int
+    ) -> None:
+        """One frame of this cache's layers [a, b) of blocks [first, first + count) along route `r`."""
+        connection, heads = r.route.connection, r.route.heads
+        raw_len = self.codec.raw_nbytes(self.layout, count, b - a, len(heads))
         if self.codec.lossless:
             raw = torch.empty(raw_len, dtype=torch.uint8, device=self.cache.device)
         else:
-            raw = t.connection.payload_buffer(raw_len, self.cache.device)
+            raw = connection.payload_buffer(raw_len, self.cache.device)
         streaming = StreamingChecksum() if streams_checksum(raw, self.codec.lossless) else None
+        h0 = self.layout.heads[0]
+        cache = (
+            self.cache
+            if heads == self.layout.head_range
+            else self.cache[..., heads.start - h0 : heads.stop - h0, :]
+        )
         try:
             ids = t.block_tensor[first : first + count]
-            codecs.encode(self.codec, self.cache, (a, b), ids, raw, streaming and streaming.update)
+            codecs.encode(self.codec, cache, (a, b), ids, raw, streaming and streaming.update)
             payload = codecs.compress(self.codec, raw)
         except BaseException:
-            t.connection.release_buffer(raw)
+            connection.release_buffer(raw)
             raise
         alg = StreamingChecksum.alg if streaming else checksum_alg_for(payload)
         header = FrameHeader(
             version=FORMAT_VERSION,
             request_id=t.request_id,
             fingerprint=self.layout.fingerprint,
-            layers=(a, b),
+            layers=(a + self.layout.layers[0], b + self.layout.layers[0]),
+            heads=(heads.start, heads.stop),
             block_ids=tuple(t.block_ids[first : first + count]),
             first_block=first,
             block_size=self.layout.block_size,
@@ -248,20 +310,22 @@ class KVSender:
             checksum=streaming.intdigest() if streaming else payload_checksum(payload, alg),
             checksum_alg=alg,
         )
-        t.connection.send(Frame(header.encode(), payload))
-        t.num_frames += 1
+        connection.send(Frame(header.encode(), payload))
+        r.num_frames += 1
 
     def _tell_abort(self, t: OutgoingTransfer, reason: str) -> None:
-        try:
-            t.connection.abort(t.request_id, reason)
-        except TransferError:
-            pass  # best effort: the receiver's own deadline frees its side if this does not arrive
+        for r in t.routes:
+            try:
+                r.route.connection.abort(t.request_id, reason)
+            except TransferError:
+                pass  # best effort: the receiver's own deadline frees its side if this does not arrive
 
     def _close(self, t: OutgoingTransfer, state: SendState) -> None:
         """End a transfer: free its blocks (exactly once) and keep only its outcome."""
         if self._transfers.pop(t.request_id, None) is None:
             return
-        self.allocator.free(t.block_ids)
+        if self.allocator is not None:
+            self.allocator.free(t.block_ids)
         t.state = state
         self._outcomes[t.request_id] = state
         while len(self._outcomes) > _MAX_OUTCOMES:

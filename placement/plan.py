@@ -186,19 +186,12 @@ def load_plan(path: str | Path) -> dict[str, Any]:
 
 
 def apply_plan(config: ClusterConfig, chosen: dict[str, Any]) -> ClusterConfig:
-    """The config with its pools and codec set to the plan's choice. Refuses what `serve` cannot
-    run yet, with the reason."""
+    """The config with its pools and codec set to the plan's choice (any tp and pp: the KV is
+    re-sharded in transit between pools laid out differently)."""
     roles = ("colocated",) if chosen.get("colocated") else ("prefill", "decode")
     pools = {}
     for role in roles:
         pool = chosen[role]
-        if pool["tp"] * pool["pp"] > 1 and role != "colocated":
-            raise PlacementError(
-                f"the plan gives {role} tp={pool['tp']} pp={pool['pp']}; a disaggregated pool with "
-                "tensor or pipeline parallelism needs the KV re-sharded between layouts in transit, "
-                "which is not executable yet, so serve refuses it (colocated replicas run any tp "
-                "and pp): plan with placement.max_gpus or a config that keeps tp = pp = 1"
-            )
         pools[role] = dataclasses.replace(
             getattr(config, role), instances=pool["instances"], tp=pool["tp"], pp=pool["pp"]
         )

@@ -9,14 +9,15 @@ holds the blocks under a lease until that instance acknowledges, and answers wit
 
 A request whose first token is also its last ("stop"/"length") needs no decode: its transfer is
 aborted (the decode side frees its reservation) and the result says so. Any transfer failure
-fails only that request, with the KVSender having freed its blocks.
+fails only that request, with the sender having freed its blocks. On a tensor- or
+pipeline-parallel instance every rank sends its own part of the KV once the step that computed
+it ends (kv_transfer/instance_sender.py).
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -28,8 +29,9 @@ from engine.llm_engine import LLMEngine
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from kv_transfer.errors import TransferError
-from kv_transfer.sender import KVSender, SendState
-from kv_transfer.transport import Connection
+from kv_transfer.instance_sender import InstanceSender
+from kv_transfer.resharding import KVDestination
+from kv_transfer.sender import SendState
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class PrefillRequest:
     request_id: str  # unique per attempt
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
-    decode_endpoint: tuple[str, str]  # (transport kind, address) of the decode instance's KV server
+    destination: KVDestination  # the decode instance's layout and the KV servers of its ranks
 
 
 @dataclass(frozen=True)
@@ -65,8 +67,7 @@ class PrefillWorker:
     def __init__(
         self,
         engine: LLMEngine,
-        sender: KVSender,
-        connect: Callable[[tuple[str, str]], Connection],
+        sender: InstanceSender,
         layerwise: bool = True,
         max_finishing: int = 16,
     ) -> None:
@@ -75,16 +76,14 @@ class PrefillWorker:
         self.engine = engine
         self.sender = sender
         self.allocator = engine.scheduler.allocator
-        self.layerwise = layerwise
-        self._connect = connect
-        self._connections: dict[tuple[str, str], Connection] = {}
+        self.layerwise = layerwise and sender.layerwise
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._finisher = ThreadPoolExecutor(max_finishing, thread_name_prefix="kv-finish")
         self.loop = EngineLoop(
             engine,
             self._on_outputs,
-            layer_hook=self._on_layer_stored if layerwise else None,
+            layer_hook=self._on_layer_stored if self.layerwise else None,
             housekeeping=self.sender.expire,
             name="prefill-loop",
         )
@@ -95,8 +94,7 @@ class PrefillWorker:
     def stop(self) -> None:
         self.loop.stop()
         self._finisher.shutdown(wait=False, cancel_futures=True)
-        for connection in self._connections.values():
-            connection.close()
+        self.sender.close()
 
     # --- requests -----------------------------------------------------------------------------
 
@@ -138,20 +136,13 @@ class PrefillWorker:
 
     # --- the loop thread ----------------------------------------------------------------------
 
-    def _connection(self, endpoint: tuple[str, str]) -> Connection:
-        connection = self._connections.get(endpoint)
-        if connection is None:
-            connection = self._connections[endpoint] = self._connect(endpoint)
-        return connection
-
     def _start_transfer(self, request_id: str, blocks: list[int], pending: _Pending) -> bool:
         """Hand one reference to `blocks` to the sender; False (and the error kept) if it fails."""
         try:
-            self.sender.start(request_id, blocks, self._connection(pending.request.decode_endpoint))
+            self.sender.start(request_id, blocks, pending.request.destination)
             return True
         except Exception as exc:  # noqa: BLE001 - fails this request only
             self.allocator.free(blocks)
-            self._connections.pop(pending.request.decode_endpoint, None)
             pending.transfer_error = exc
             return False
 

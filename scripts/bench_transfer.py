@@ -114,7 +114,7 @@ class DecodeSide:
 def _null_header(request_id: str, nbytes: int) -> bytes:
     """A well-formed header (transports may parse it); the NullSink checks nothing."""
     return FrameHeader(
-        FORMAT_VERSION, request_id, LAYOUT.fingerprint, (0, 1), (0,), 0, *LAYOUT.block_shape,
+        FORMAT_VERSION, request_id, LAYOUT.fingerprint, (0, 1), LAYOUT.heads, (0,), 0, *LAYOUT.block_shape,
         LAYOUT.dtype, "none", "", "", nbytes, nbytes, 0, "xxh3_64",
     ).encode()  # fmt: skip
 

@@ -13,13 +13,16 @@ Steps reach a rank through a pipe of its own, where it waits however long the en
 torch.distributed (gloo on CPUs, NCCL on GPUs) carries only the all-reduces and hand-offs inside
 a step, under a timeout, so a rank that dies fails the step (and the engine) instead of hanging
 it. Before the first step every rank reports how many cache blocks its memory holds and all take
-the smallest, so block ids mean the same on every rank.
+the smallest, so block ids mean the same on every rank. An engine may also give its ranks a
+service to run beside their steps (engine/parallel/rank_service.py: the KV transfer of a
+disaggregated instance), reached through a second pipe each.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import pickle
+import threading
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -34,6 +37,7 @@ from engine.kv_cache import num_blocks_for
 from engine.model_loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner, Step
 from engine.parallel.pipeline import PPStage, StageLinks
+from engine.parallel.rank_service import RankServiceFactory, RankServices, serve_rank
 from engine.parallel.tensor_parallel import TPShard, apply_tensor_parallel
 
 COLLECTIVE_TIMEOUT = timedelta(seconds=120)  # one step's collectives; a dead rank fails it after this
@@ -136,8 +140,17 @@ def load_rank(
     return loaded, num_blocks_for(largest, config.cache, config.torch_dtype, device), links
 
 
-def _rank_main(config: EngineConfig, rank: int, port: int, threads: int, conn: Connection) -> None:
-    """Rank r >= 1: join the groups, load its shard, then run every step rank 0 sends until told to stop."""
+def _rank_main(
+    config: EngineConfig,
+    rank: int,
+    port: int,
+    threads: int,
+    conn: Connection,
+    service: RankServiceFactory | None,
+    service_conn: Connection | None,
+) -> None:
+    """Rank r >= 1: join the groups, load its shard, start its service (if any), then run every
+    step rank 0 sends until told to stop."""
     try:
         torch.set_num_threads(threads)
         place = RankPlace.of(config, rank)
@@ -149,6 +162,15 @@ def _rank_main(config: EngineConfig, rank: int, port: int, threads: int, conn: C
         runner = ModelRunner(
             loaded.model, config.cache, device, config.onednn_linear, num_blocks=num_blocks, links=links
         )
+        service_thread = None
+        if service is not None:
+            service_thread = threading.Thread(
+                target=serve_rank,
+                args=(service, place, runner, loaded.config, service_conn),
+                name="rank-service",
+                daemon=True,
+            )
+            service_thread.start()
         conn.send(("ready", None))
     except BaseException as exc:  # noqa: BLE001 - reported to rank 0, which raises it
         conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"))
@@ -158,6 +180,10 @@ def _rank_main(config: EngineConfig, rank: int, port: int, threads: int, conn: C
             runner.run_step(pickle.loads(message))
     except (EOFError, OSError):
         pass  # rank 0 went away
+    finally:
+        if service_thread is not None:  # let the service close what it opened (servers, segments)
+            service_conn.close()
+            service_thread.join(timeout=10)
 
 
 class ParallelRanks:
@@ -165,8 +191,13 @@ class ParallelRanks:
     size, and hands each step to every rank (`send`, the model runner's fan-out). `groups` are
     rank 0's own members of the groups."""
 
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, service: RankServiceFactory | None = None) -> None:
+        """`service`: built in every rank beyond 0 and reachable as `services` once the cache
+        size is agreed."""
         self.size = config.tensor_parallel_size * config.pipeline_parallel_size
+        self.services: RankServices | None = None
+        self._service = service
+        self._service_conns: list[Connection] = []
         self._store = _store(0, self.size, master=True)  # port 0: any free one, then told to the ranks
         threads = max(1, torch.get_num_threads() // self.size)
         torch.set_num_threads(threads)  # the ranks share this machine's cores
@@ -175,14 +206,18 @@ class ParallelRanks:
         self.processes: list[mp.Process] = []
         for rank in range(1, self.size):
             ours, theirs = ctx.Pipe()
+            service_ours, service_theirs = ctx.Pipe() if service is not None else (None, None)
             p = ctx.Process(
                 target=_rank_main,
-                args=(config, rank, self._store.port, threads, theirs),
+                args=(config, rank, self._store.port, threads, theirs, service, service_theirs),
                 name=f"pdserve-rank{rank}",
                 daemon=True,
             )
             p.start()
             theirs.close()
+            if service is not None:
+                service_theirs.close()
+                self._service_conns.append(service_ours)
             self.conns.append(ours)
             self.processes.append(p)
         try:
@@ -212,6 +247,8 @@ class ParallelRanks:
                 conn.send(num_blocks)
             for conn in self.conns:
                 self._expect(conn, "ready")
+            if self._service is not None:
+                self.services = RankServices(self._service_conns, START_TIMEOUT)
         except BaseException:
             self.close()
             raise
@@ -231,6 +268,12 @@ class ParallelRanks:
             raise RankFailedError(f"a parallel rank is unreachable: {exc}") from None
 
     def close(self) -> None:
+        if self.services is not None:
+            self.services.close()
+            self.services = None
+        for conn in self._service_conns:
+            conn.close()
+        self._service_conns = []
         for conn in self.conns:
             try:
                 conn.send_bytes(_STOP)

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from typing import Any
 
 from kv_transfer.errors import TransferError
@@ -38,3 +39,28 @@ def serve(kind: str, sink: FrameSink, **options: Any) -> TransportServer:
 
 def connect(kind: str, address: str, **options: Any) -> Connection:
     return _classes(kind)[1](address, **options)
+
+
+def connector(token: str | None = None) -> Callable[[tuple[str, str]], Connection]:
+    """How a sender opens a link to a receiver's (kind, address); gRPC links carry `token`."""
+
+    def connect_endpoint(endpoint: tuple[str, str]) -> Connection:
+        kind, address = endpoint
+        return connect(kind, address, **({"token": token} if kind == "grpc" else {}))
+
+    return connect_endpoint
+
+
+def serve_kinds(
+    kinds: tuple[str, ...], sink: FrameSink, host: str = "127.0.0.1", token: str | None = None
+) -> dict[str, TransportServer]:
+    """One server per kind around `sink` (gRPC on `host`, with `token`); closes them all if one fails."""
+    servers: dict[str, TransportServer] = {}
+    try:
+        for kind in kinds:
+            servers[kind] = serve(kind, sink, **({"host": host, "token": token} if kind == "grpc" else {}))
+    except BaseException:
+        for server in servers.values():
+            server.close()
+        raise
+    return servers

@@ -150,10 +150,11 @@ def test_ray_cluster_file_passes_rays_own_schema():
         validate_config({**cluster, "max_worker": 4})
 
 
-def test_serve_refuses_parallel_disaggregated_pools_that_plan_still_reads():
-    config = config_from_dict({"model": {"device": "cpu"}, "decode": {"tp": 2}})  # a valid file
-    with pytest.raises(
-        ConfigError, match=r"^decode\.tp: tp=2 pp=1 in a disaggregated deployment needs the KV"
-    ):
+def test_serve_refuses_parallel_pools_only_with_a_transport_that_cannot_reach_every_rank():
+    base = {"model": {"device": "cpu"}, "decode": {"tp": 2}}
+    config_from_dict(base).check_servable()  # auto: shm or gRPC to each rank
+    config_from_dict({**base, "kv_transfer": {"transport": "grpc"}}).check_servable()
+    config = config_from_dict({**base, "kv_transfer": {"transport": "local"}})  # a valid file
+    with pytest.raises(ConfigError, match=r"^kv_transfer\.transport: decode\.tp=2 x decode\.pp=1 .*'local'"):
         config.check_servable()
     config_from_dict({"model": {"device": "cpu"}, "colocated": {"instances": 2, "pp": 2}}).check_servable()

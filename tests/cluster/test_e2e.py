@@ -261,7 +261,7 @@ def test_bad_and_unauthenticated_requests_are_refused(cluster, stub, client):
 
 def test_the_kv_service_refuses_peers_without_the_secret(cluster):
     decode = next(i for i in cluster.controller.instances.values() if i.role == "decode")
-    address = dict(decode.info.endpoints)["grpc"]
+    (address,) = dict(decode.info.endpoints)["grpc"]  # one rank
     with pytest.raises(UnauthenticatedError, match="token"):
         transports.connect("grpc", address, token="not-the-secret")
 

@@ -13,6 +13,7 @@ from cluster.config import config_from_dict
 from cluster.instance import build_colocated, build_decode, build_prefill
 from engine.model_loader import load_model
 from engine.sampling_params import SamplingParams
+from kv_transfer.resharding import KVDestination
 from prefill_worker.worker import PrefillRequest
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
@@ -36,7 +37,7 @@ def pair():
     )
     prefill.start()
     decode.start_loop()
-    yield prefill, decode, ("shm", servers["shm"].address), inbox
+    yield prefill, decode, KVDestination("shm", (servers["shm"].address,)), inbox
     prefill.stop()
     decode.stop()
     for server in servers.values():

@@ -116,6 +116,7 @@ def opaque_frame(request_id: str, payload: torch.Tensor, layer: int = 0) -> Fram
         request_id=request_id,
         fingerprint="test",
         layers=(layer, layer + 1),
+        heads=(0, 2),
         block_ids=(0,),
         first_block=0,
         block_size=16,

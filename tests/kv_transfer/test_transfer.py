@@ -58,10 +58,9 @@ def test_round_trip_writes_the_receivers_own_blocks(rig, codec):
 
 def test_frames_are_split_to_stay_under_the_size_limit(rig):
     per_block_layer = rig.layout.bytes_per_block_layer
-    sender = rig.sender(max_frame_bytes=2 * per_block_layer)
-    src_blocks = rig.start(sender, num_tokens=5 * BLOCK)
     recorder = RecordingConnection()
-    sender._transfers["r1"].connection = recorder
+    sender = rig.sender(max_frame_bytes=2 * per_block_layer, connection=recorder)
+    src_blocks = rig.start(sender, num_tokens=5 * BLOCK)
     sender.send_all("r1")
     assert len(recorder.frames) == LAYERS * 3  # blocks in frames of 2, 2, 1 per layer
     assert all(f.payload.numel() <= 2 * per_block_layer for f in recorder.frames)
@@ -300,9 +299,6 @@ def test_lossless_frames_round_trip_and_trailing_bytes_are_refused(rig, stage):
 
 
 def test_send_failure_releases_the_receivers_reservation(rig):
-    sender = rig.sender()
-    rig.start(sender)
-
     class BrokenWire(RecordingConnection):
         def send(self, frame):
             raise PeerDisconnectedError("the link dropped")
@@ -310,7 +306,8 @@ def test_send_failure_releases_the_receivers_reservation(rig):
         def abort(self, request_id, reason):
             rig.receiver.on_abort(request_id, reason)
 
-    sender._transfers["r1"].connection = BrokenWire()
+    sender = rig.sender(connection=BrokenWire())
+    rig.start(sender)
     with pytest.raises(PeerDisconnectedError):
         sender.finish("r1")
     assert sender.state("r1") is SendState.FAILED

@@ -75,8 +75,9 @@ def test_the_plan_file_round_trips_and_serve_runs_what_it_can(tmp_path, as_high_
     assert (applied.prefill.instances, applied.decode.instances) == (2, 3)
     assert list(applied.pools) == ["prefill", "decode"] and not applied.is_colocated
     assert applied.kv_transfer.codec == chosen["codec"]
-    with pytest.raises(PlacementError, match="decode tp=2 pp=1; a disaggregated pool.*not executable yet"):
-        planning.apply_plan(cfg, {**one_gpu, "decode": {"instances": 1, "tp": 2, "pp": 1}})
+    sharded = planning.apply_plan(cfg, {**one_gpu, "decode": {"instances": 1, "tp": 2, "pp": 1}})
+    assert (sharded.decode.tp, sharded.decode.pp, sharded.prefill.tp) == (2, 1, 1)
+    sharded.check_servable()  # the KV is re-sharded in transit: serve runs it
     colocated = planning.apply_plan(cfg, {**one_gpu, "colocated": {"instances": 4, "tp": 1, "pp": 1}})
     assert list(colocated.pools) == ["colocated"] and colocated.colocated.instances == 4  # serve runs it
     assert planning.configured(colocated).describe() == "colocated 4x" + str(planning.Parallelism(1, 1))

@@ -1,0 +1,171 @@
+"""`InstanceSender`: the KV sending side of a whole prefill instance, as its worker sees it. Rank 0
+(this process) sends the pieces its own cache holds; on a tensor- or pipeline-parallel instance
+each other rank sends its own pieces from its own cache (kv_transfer/rank_kv.py), straight to the
+decode ranks that own them. This class holds the request's blocks for all of them:
+
+    start(request, blocks, destination)   rank 0's routes start; ranks 1.. told to send theirs
+    send_layers(request, upto)            rank 0 alone, layer by layer (single-rank instances)
+    finish(request)                       rank 0 sends the rest and waits for its acks, then for
+                                          every other rank's; the first error is raised
+    abort / expire                        every rank drops the transfer
+    ── the blocks are freed once, when rank 0 is done and every other rank has answered ──
+
+A single-rank instance sends everything itself, layer by layer as prefill computes. The other
+ranks send after the prefill step that computed the KV (their layers run in other processes).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import wait as wait_all
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockAllocator
+from engine.parallel.rank_service import RankServices
+from kv_transfer.connections import ConnectionPool
+from kv_transfer.errors import TransferError, TransferTimeoutError, error_from_wire, error_to_wire
+from kv_transfer.rank_kv import routes_for
+from kv_transfer.resharding import KVDestination, ShardLayout
+from kv_transfer.sender import KVSender, SendState
+
+REMOTE_GRACE_S = 5.0  # beyond the lease, for the other ranks' answers to arrive
+
+
+@dataclass
+class _Transfer:
+    blocks: list[int]
+    destination: KVDestination
+    remote: list[Future] = field(default_factory=list)
+    own_done: bool = False
+
+
+class InstanceSender:
+    def __init__(
+        self,
+        sender: KVSender,
+        shard: ShardLayout,
+        allocator: BlockAllocator,
+        connect: Callable[[tuple[str, str]], object],
+        services: RankServices | None = None,
+    ) -> None:
+        """`sender`: rank 0's, over its cache, owning no blocks (this class frees them).
+        `services`: the other ranks' KV services when the instance has more than one rank."""
+        if sender.allocator is not None:
+            raise ValueError("the instance sender frees the blocks; give rank 0's KVSender no allocator")
+        if (services is None) != (shard.num_ranks == 1):
+            raise ValueError(
+                f"a {shard.num_ranks}-rank instance needs the other ranks' services exactly when it has them"
+            )
+        self.sender = sender
+        self.shard = shard
+        self.allocator = allocator
+        self.services = services
+        self.pool = ConnectionPool(connect)
+        self._transfers: dict[str, _Transfer] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def layerwise(self) -> bool:
+        """Whether `send_layers` can run as prefill computes each layer: rank 0 holds them all."""
+        return self.services is None
+
+    @property
+    def num_held_blocks(self) -> int:
+        with self._lock:
+            return sum(len(t.blocks) for t in self._transfers.values())
+
+    def state(self, request_id: str) -> SendState | None:
+        with self._lock:
+            if request_id in self._transfers:
+                return SendState.SENDING
+        return self.sender.state(request_id)
+
+    def start(self, request_id: str, block_ids: list[int], destination: KVDestination) -> None:
+        """Take over one reference to the request's blocks; on failure nothing is kept (the caller
+        still holds its reference)."""
+        with self._lock:
+            if request_id in self._transfers:
+                raise TransferError(f"a transfer of {request_id!r} is already in progress")
+            routes = routes_for(self.shard, 0, destination, self.pool)
+            self.sender.start(request_id, block_ids, routes)
+            t = self._transfers[request_id] = _Transfer(list(block_ids), destination)
+        if self.services is not None:
+            t.remote = list(self.services.call_all("send", request_id, t.blocks, destination).values())
+            for future in t.remote:
+                future.add_done_callback(lambda _, rid=request_id: self._release(rid))
+
+    def send_layers(self, request_id: str, upto: int) -> None:
+        self.sender.send_layers(request_id, upto)
+
+    def finish(self, request_id: str) -> None:
+        """Every rank's pieces sent and acknowledged; raises the first error (blocks freed either way)."""
+        with self._lock:
+            t = self._transfers.get(request_id)
+        if t is None:
+            self.sender.finish(request_id)  # raises why it is not in progress
+            return
+        try:
+            self.sender.finish(request_id)
+        except BaseException:
+            self._abort_remote(request_id, "rank 0's part of the transfer failed")
+            raise
+        finally:
+            self._own_done(request_id)
+        if t.remote:
+            done, pending = wait_all(t.remote, timeout=self.sender.lease_seconds + REMOTE_GRACE_S)
+            if pending:
+                raise TransferTimeoutError(
+                    f"the other ranks of this prefill instance did not finish sending {request_id!r} "
+                    f"within the {self.sender.lease_seconds:g} s lease"
+                )
+            for future in t.remote:
+                if future.exception() is not None:
+                    raise _as_transfer_error(future.exception())
+
+    def abort(self, request_id: str, reason: str = "aborted by the prefill side") -> None:
+        """Every rank drops the transfer; the blocks are freed once they all have. Unknown ids are ignored."""
+        self.sender.abort(request_id, reason)
+        self._abort_remote(request_id, reason)
+        self._own_done(request_id)
+
+    def expire(self) -> list[str]:
+        """Rank 0's leases that ran out (the other ranks keep their own); returns their request ids."""
+        expired = self.sender.expire()
+        for request_id in expired:
+            self._abort_remote(request_id, "the lease expired on rank 0")
+            self._own_done(request_id)
+        return expired
+
+    def close(self) -> None:
+        self.pool.close()
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _abort_remote(self, request_id: str, reason: str) -> None:
+        if self.services is not None and request_id in self._transfers:
+            self.services.call_all("abort", request_id, reason)
+
+    def _own_done(self, request_id: str) -> None:
+        with self._lock:
+            t = self._transfers.get(request_id)
+            if t is not None:
+                t.own_done = True
+        self._release(request_id)
+
+    def _release(self, request_id: str) -> None:
+        """Free the blocks once rank 0 is done with them and every other rank has answered."""
+        with self._lock:
+            t = self._transfers.get(request_id)
+            if t is None or not t.own_done or not all(f.done() for f in t.remote):
+                return
+            del self._transfers[request_id]
+        self.allocator.free(t.blocks)
+
+
+def _as_transfer_error(exc: BaseException) -> TransferError:
+    """An error another rank raised, as the TransferError the worker reports."""
+    if isinstance(exc, TransferError):
+        return exc
+    return error_from_wire(*error_to_wire(exc))

@@ -1,0 +1,74 @@
+"""Disaggregated pools laid out differently, end to end on local Ray: one tensor-parallel prefill
+instance (tp=2) feeding two pipeline-parallel decode instances (pp=2 each), each instance an actor
+plus the rank it spawned. Every prefill rank sends its KV heads straight to the decode stages
+that hold the layers (over shared memory, each decode rank serving its own endpoint). Greedy
+tokens equal the single-process offline engine's, and a decode stage killed mid-stream fails its
+instance as a whole: the streams replay on the other decode instance and no block stays held."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import grpc
+import pytest
+import ray
+from test_e2e import AUTH, PROMPTS, grpc_generate, kill_mid_stream, pb_grpc, serving, wait_idle
+
+from cluster.config import config_from_dict
+from engine.sampling_params import SamplingParams
+
+TOKEN = AUTH[0][1].removeprefix("Bearer ")
+
+
+@pytest.fixture(scope="module")
+def resharded():
+    config = config_from_dict(
+        {
+            "model": {"name": "smollm2-135m", "dtype": "float32", "device": "cpu"},
+            "prefill": {"max_num_batched_tokens": 256, "chunk_size": 64, "cpus": 0.5, "tp": 2},
+            "decode": {"instances": 2, "max_batch": 16, "kv_cache_memory": "64MiB", "cpus": 0.5, "pp": 2},
+            "server": {"grpc_port": 0, "http_port": 0, "auth_token": TOKEN, "max_tokens_limit": 512},
+        }
+    )
+    yield from serving(config)
+
+
+@pytest.fixture(scope="module")
+def stub(resharded):
+    channel = grpc.insecure_channel(resharded.endpoints["grpc"])
+    yield pb_grpc.PDServeStub(channel)
+    channel.close()
+
+
+def _rank_pids(instance) -> list[int]:
+    def pids(actor) -> list[int]:
+        return [p.pid for p in actor.worker.engine.ranks.processes]
+
+    return ray.get(instance.handle.__ray_call__.remote(pids))
+
+
+def test_resharded_pools_give_the_offline_engines_greedy_tokens(resharded, stub, embedded_llm):
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    expected = embedded_llm.generate(PROMPTS, params, use_tqdm=False)
+    for prompt, want in zip(PROMPTS, expected, strict=True):
+        ids, text, final = grpc_generate(stub, prompt, 16)
+        assert ids == want.token_ids and text == want.text and final.finish_reason == "length"
+    decode = [i for i in resharded.controller.instances.values() if i.role == "decode"]
+    for instance in decode:
+        (kind, addresses), *_ = instance.info.endpoints
+        assert len(addresses) == 2 and len(_rank_pids(instance)) == 1  # each stage serves its KV
+    assert not any(wait_idle(resharded).values())
+
+
+def test_a_dead_decode_stage_fails_its_instance_and_the_streams_replay(resharded, stub, embedded_llm):
+    killed: list[int] = []
+
+    def kill_a_stage(instance) -> None:
+        (pid,) = _rank_pids(instance)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
+    kill_mid_stream(resharded, stub, embedded_llm, "decode-0", kill=kill_a_stage)
+    assert _rank_pids(resharded.controller.instances["decode-0"]) != killed  # a new second stage
+    assert not any(wait_idle(resharded).values())
