@@ -25,6 +25,7 @@ import torch
 
 from cluster.config import ClusterConfig
 from cluster.instance import build_colocated, build_decode, build_prefill, kv_endpoints
+from cluster.rank_actors import RayRankLauncher, instance_bundles
 from cluster.router import DecodeLoad, PrefillLoad
 from decode_worker.worker import DecodeChunk, DecodeWorker
 from engine.sampling_params import SamplingParams
@@ -37,9 +38,10 @@ log = logging.getLogger(__name__)
 class InstanceInfo:
     """Where an instance runs; it changes when Ray restarts the actor."""
 
-    node_id: str
+    node_id: str  # rank 0's
     # decode: (transport kind, the address each of its ranks listens on)
     endpoints: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    nodes: tuple[str, ...] = ()  # every rank's node (rank 0's first)
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,21 @@ def _node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def _launcher(config: ClusterConfig, role: str) -> RayRankLauncher | None:
+    """The engine's other tensor/pipeline ranks as Ray actors in this instance's placement group."""
+    bundles, _ = instance_bundles(config, role)
+    if len(bundles) == 1:
+        return None
+    group = ray.util.get_current_placement_group()
+    return RayRankLauncher(group, bundles[1]["CPU"], int(bundles[1].get("GPU", 0)))
+
+
+def _info(worker: PrefillWorker | DecodeWorker, endpoints=()) -> InstanceInfo:
+    ranks = worker.engine.ranks
+    others = tuple(p.node_id for p in ranks.processes) if ranks is not None else ()
+    return InstanceInfo(_node_id(), endpoints, (_node_id(), *others))
+
+
 def _load(worker: PrefillWorker | DecodeWorker) -> InstanceLoad:
     allocator = worker.allocator
     used = allocator.num_blocks - allocator.num_free_blocks
@@ -89,12 +106,12 @@ class PrefillInstance:
     def __init__(self, config: ClusterConfig, name: str) -> None:
         _setup_process(config.prefill.cpus)
         self.name = name
-        self.worker = build_prefill(config)
+        self.worker = build_prefill(config, launcher=_launcher(config, "prefill"))
         _guard(self.worker)
         self.worker.start()
 
     async def info(self) -> InstanceInfo:
-        return InstanceInfo(_node_id())
+        return _info(self.worker)
 
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
         return await asyncio.wrap_future(self.worker.submit(request))
@@ -115,9 +132,14 @@ class DecodeInstance:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscriber = 0
         if role == "colocated":
-            self.worker, self.servers = build_colocated(config, self._emit), {}
+            self.worker, self.servers = (
+                build_colocated(config, self._emit, launcher=_launcher(config, role)),
+                {},
+            )
         else:
-            self.worker, self.servers = build_decode(config, self._emit, host=ray.util.get_node_ip_address())
+            self.worker, self.servers = build_decode(
+                config, self._emit, host=ray.util.get_node_ip_address(), launcher=_launcher(config, role)
+            )
         _guard(self.worker)
         self.worker.start_loop()
 
@@ -132,7 +154,7 @@ class DecodeInstance:
         self._loop.call_soon_threadsafe(self._ready.set)
 
     async def info(self) -> InstanceInfo:
-        return InstanceInfo(_node_id(), kv_endpoints(self.worker, self.servers) if self.servers else ())
+        return _info(self.worker, kv_endpoints(self.worker, self.servers) if self.servers else ())
 
     async def reserve(self, request_id: str, num_prompt_tokens: int) -> None:
         await asyncio.wrap_future(self.worker.reserve(request_id, num_prompt_tokens))

@@ -234,14 +234,16 @@ class Controller:
             self._num_queued -= 1
 
     def _destination(self, prefill: Instance, decode: Instance) -> KVDestination:
-        """Where `prefill` sends the KV: each of `decode`'s ranks over shm when the two share a
-        node and the decode side serves it, else over gRPC."""
+        """Where `prefill` sends the KV: each of `decode`'s ranks over shm when every rank of both
+        instances shares one node and the decode side serves it, else over gRPC."""
         endpoints = dict(decode.info.endpoints)
         if len(endpoints) == 1:
             kind = next(iter(endpoints))
         else:
-            same_node = prefill.info.node_id == decode.info.node_id
-            kind = "shm" if same_node and "shm" in endpoints else "grpc"
+            nodes = set(prefill.info.nodes or (prefill.info.node_id,)) | set(
+                decode.info.nodes or (decode.info.node_id,)
+            )
+            kind = "shm" if len(nodes) == 1 and "shm" in endpoints else "grpc"
         return KVDestination(kind, endpoints[kind], self.config.decode.tp, self.config.decode.pp)
 
     async def generate(

@@ -1,6 +1,7 @@
 """Starting the pools on Ray (prefill and decode, or colocated replicas): one placement group per
-instance (STRICT_PACK: an instance never spans nodes; its bundle holds the CPUs and tp x pp GPUs
-it needs), one actor in each, restarted by Ray when it dies. Also joining the Ray cluster:
+instance (a bundle per tensor/pipeline rank, on one node unless the instance needs more GPUs than
+a node has), the instance's actor in bundle 0 (its other ranks' actors, cluster/rank_actors.py,
+in the others), restarted by Ray when it dies. Also joining the Ray cluster:
 RAY_ADDRESS, else the one `ray up` started on this node, else a new local one."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from cluster.actors import DecodeActor, PrefillActor
 from cluster.config import ClusterConfig
 from cluster.controller import Instance
+from cluster.rank_actors import instance_bundles
 
 log = logging.getLogger(__name__)
 NAMESPACE = "pdserve"
@@ -55,15 +57,14 @@ class Deployment:
         for role, pool in self.config.pools.items():
             actor_class = PrefillActor if role == "prefill" else DecodeActor  # colocated: DecodeActor
             role_arg = () if role == "prefill" else (role,)
-            gpus = 0 if self.config.model.device == "cpu" else pool.gpus_per_instance
+            bundles, strategy = instance_bundles(self.config, role)
             for i in range(pool.instances):
-                bundle = {"CPU": pool.cpus, **({"GPU": gpus} if gpus else {})}
-                group = placement_group([bundle], strategy="STRICT_PACK", name=f"pdserve-{role}-{i}")
+                group = placement_group(bundles, strategy=strategy, name=f"pdserve-{role}-{i}")
                 self._groups.append(group)
                 name = f"{role}-{i}"
                 handle = actor_class.options(
-                    num_cpus=pool.cpus,
-                    num_gpus=gpus,
+                    num_cpus=bundles[0]["CPU"],
+                    num_gpus=bundles[0].get("GPU", 0),
                     max_restarts=-1,
                     max_task_retries=0,
                     max_concurrency=1000,

@@ -14,6 +14,7 @@ from engine.engine_config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.model_loader import LoadedModel
 from engine.parallel.rank_service import RankServices
+from engine.parallel.ranks import RankLauncher
 from kv_transfer import transports
 from kv_transfer.codecs import CodecSpec
 from kv_transfer.instance_receiver import InstanceReceiver
@@ -103,12 +104,16 @@ def _services(engine: LLMEngine) -> RankServices | None:
     return engine.ranks.services if engine.ranks is not None else None
 
 
-def build_prefill(config: ClusterConfig, loaded: LoadedModel | None = None) -> PrefillWorker:
+def build_prefill(
+    config: ClusterConfig, loaded: LoadedModel | None = None, launcher: RankLauncher | None = None
+) -> PrefillWorker:
+    """`launcher`: who starts the engine's other ranks (by default, processes spawned here)."""
     engine = LLMEngine(
         engine_config(config, "prefill"),
         loaded=loaded,
         role="prefill",
         rank_service=rank_service(config, "prefill"),
+        rank_launcher=launcher,
     )
     kv = config.kv_transfer
     shard = ShardLayout.of(engine.model_config, config.prefill.tp, config.prefill.pp)
@@ -130,6 +135,7 @@ def build_decode(
     emit: Callable[[list[DecodeChunk]], None],
     loaded: LoadedModel | None = None,
     host: str = "127.0.0.1",
+    launcher: RankLauncher | None = None,
 ) -> tuple[DecodeWorker, dict[str, TransportServer]]:
     """The worker (streaming each step's chunks to `emit`) and rank 0's KV servers by kind; the
     caller closes the servers when it stops (the other ranks close their own)."""
@@ -138,6 +144,7 @@ def build_decode(
         loaded=loaded,
         role="decode",
         rank_service=rank_service(config, "decode", host),
+        rank_launcher=launcher,
     )
     kv = config.kv_transfer
     model = engine.model_config
@@ -169,8 +176,13 @@ def kv_endpoints(
 
 
 def build_colocated(
-    config: ClusterConfig, emit: Callable[[list[DecodeChunk]], None], loaded: LoadedModel | None = None
+    config: ClusterConfig,
+    emit: Callable[[list[DecodeChunk]], None],
+    loaded: LoadedModel | None = None,
+    launcher: RankLauncher | None = None,
 ) -> DecodeWorker:
     """A colocated replica: the engine prefills and decodes, every token streamed to `emit`."""
-    engine = LLMEngine(engine_config(config, "colocated"), loaded=loaded, role="colocated")
+    engine = LLMEngine(
+        engine_config(config, "colocated"), loaded=loaded, role="colocated", rank_launcher=launcher
+    )
     return DecodeWorker(engine, None, emit)

@@ -37,7 +37,7 @@ from engine.model_loader import LoadedModel, load_model
 from engine.model_runner import ModelRunner
 from engine.outputs import RequestOutput, RequestTimeline
 from engine.parallel.rank_service import RankServiceFactory
-from engine.parallel.ranks import ParallelRanks, RankPlace, load_rank
+from engine.parallel.ranks import ParallelRanks, RankLauncher, RankPlace, load_rank
 from engine.sampler import SamplerOutput, make_generator
 from engine.sampling_params import SamplingParams
 from engine.scheduler import ScheduledChunk, Scheduler
@@ -57,11 +57,13 @@ class LLMEngine:
         loaded: LoadedModel | None = None,
         role: str = "colocated",
         rank_service: RankServiceFactory | None = None,
+        rank_launcher: RankLauncher | None = None,
     ) -> None:
         """`loaded` reuses a model already in memory (its attention layers are rebound to this
         engine's KV cache at every step, so engines sharing one model must step in turn).
         `rank_service`: what every rank beyond 0 of a parallel engine runs beside its steps,
-        reachable as `ranks.services` (engine/parallel/rank_service.py)."""
+        reachable as `ranks.services` (engine/parallel/rank_service.py). `rank_launcher`: who
+        starts those ranks (the cluster's Ray actors); by default processes spawned here."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.role = role
@@ -72,7 +74,7 @@ class LLMEngine:
         if config.tensor_parallel_size * config.pipeline_parallel_size > 1:
             if loaded is not None:
                 raise ValueError("a parallel engine loads its own shards; do not pass `loaded`")
-            self.ranks = ParallelRanks(config, rank_service)
+            self.ranks = ParallelRanks(config, rank_service, rank_launcher)
             try:
                 loaded, num_blocks, links = load_rank(config, RankPlace.of(config, 0), self.ranks.groups)
             except BaseException:

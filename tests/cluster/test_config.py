@@ -158,3 +158,16 @@ def test_serve_refuses_parallel_pools_only_with_a_transport_that_cannot_reach_ev
     with pytest.raises(ConfigError, match=r"^kv_transfer\.transport: decode\.tp=2 x decode\.pp=1 .*'local'"):
         config.check_servable()
     config_from_dict({"model": {"device": "cpu"}, "colocated": {"instances": 2, "pp": 2}}).check_servable()
+
+
+def test_each_rank_of_an_instance_gets_a_bundle_packed_on_one_node_unless_it_cannot_be():
+    from cluster.rank_actors import instance_bundles
+
+    cpu = config_from_dict({"model": {"device": "cpu"}, "prefill": {"tp": 2, "cpus": 1.0}})
+    assert instance_bundles(cpu, "prefill") == ([{"CPU": 0.5}, {"CPU": 0.5}], "STRICT_PACK")
+    assert instance_bundles(cpu, "decode") == ([{"CPU": cpu.decode.cpus}], "STRICT_PACK")
+    gpu = {"model": {"device": "cuda"}, "placement": {"gpus_per_node": 8}}
+    on_a_node = config_from_dict({**gpu, "decode": {"tp": 4, "pp": 2, "cpus": 8.0}})
+    assert instance_bundles(on_a_node, "decode") == ([{"CPU": 1.0, "GPU": 1}] * 8, "STRICT_PACK")
+    across = config_from_dict({**gpu, "decode": {"tp": 8, "pp": 2, "cpus": 16.0}})  # 16 GPUs: two nodes
+    assert instance_bundles(across, "decode") == ([{"CPU": 1.0, "GPU": 1}] * 16, "PACK")

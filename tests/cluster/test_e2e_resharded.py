@@ -1,9 +1,10 @@
 """Disaggregated pools laid out differently, end to end on local Ray: one tensor-parallel prefill
-instance (tp=2) feeding two pipeline-parallel decode instances (pp=2 each), each instance an actor
-plus the rank it spawned. Every prefill rank sends its KV heads straight to the decode stages
-that hold the layers (over shared memory, each decode rank serving its own endpoint). Greedy
-tokens equal the single-process offline engine's, and a decode stage killed mid-stream fails its
-instance as a whole: the streams replay on the other decode instance and no block stays held."""
+instance (tp=2) feeding two pipeline-parallel decode instances (pp=2 each), each instance two Ray
+actors (rank 0 and its other rank) in the bundles of one placement group. Every prefill rank
+sends its KV heads straight to the decode stages that hold the layers (over shared memory, each
+decode rank serving its own endpoint). Greedy tokens equal the single-process offline engine's,
+and a decode stage killed mid-stream fails its instance as a whole: the streams replay on the
+other decode instance and no block stays held."""
 
 from __future__ import annotations
 
@@ -48,16 +49,27 @@ def _rank_pids(instance) -> list[int]:
     return ray.get(instance.handle.__ray_call__.remote(pids))
 
 
+def _rank_kind(instance) -> str:
+    """What runs the instance's second rank: a Ray actor in its own bundle of the placement group."""
+
+    def kind(actor) -> str:
+        return type(actor.worker.engine.ranks.processes[0]).__name__
+
+    return ray.get(instance.handle.__ray_call__.remote(kind))
+
+
 def test_resharded_pools_give_the_offline_engines_greedy_tokens(resharded, stub, embedded_llm):
     params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
     expected = embedded_llm.generate(PROMPTS, params, use_tqdm=False)
     for prompt, want in zip(PROMPTS, expected, strict=True):
         ids, text, final = grpc_generate(stub, prompt, 16)
         assert ids == want.token_ids and text == want.text and final.finish_reason == "length"
-    decode = [i for i in resharded.controller.instances.values() if i.role == "decode"]
-    for instance in decode:
-        (kind, addresses), *_ = instance.info.endpoints
-        assert len(addresses) == 2 and len(_rank_pids(instance)) == 1  # each stage serves its KV
+    for instance in resharded.controller.instances.values():
+        assert len(_rank_pids(instance)) == 1 and _rank_kind(instance) == "RayRankHandle"
+        assert len(instance.info.nodes) == 2  # every rank's node: shm only when all share one
+        if instance.role == "decode":
+            for _, addresses in instance.info.endpoints:
+                assert len(set(addresses)) == 2  # each stage serves its own KV endpoint
     assert not any(wait_idle(resharded).values())
 
 
