@@ -1,10 +1,11 @@
-"""Disaggregated pools laid out differently, end to end on local Ray: one tensor-parallel prefill
-instance (tp=2) feeding two pipeline-parallel decode instances (pp=2 each), each instance two Ray
+"""Disaggregated pools laid out differently, end to end on local Ray, in both directions: a
+tensor-parallel prefill instance (tp=2) feeding two pipeline-parallel decode instances (pp=2
+each), and a two-stage prefill feeding tensor-parallel decode instances. Each instance is two Ray
 actors (rank 0 and its other rank) in the bundles of one placement group. Every prefill rank
-sends its KV heads straight to the decode stages that hold the layers (over shared memory, each
-decode rank serving its own endpoint). Greedy tokens equal the single-process offline engine's,
-and a decode stage killed mid-stream fails its instance as a whole: the streams replay on the
-other decode instance and no block stays held."""
+sends the layers and KV heads it holds straight to the decode ranks that own them (over shared
+memory, each decode rank serving its own endpoint). Greedy tokens equal the single-process
+offline engine's, and a decode rank killed mid-stream fails its instance as a whole: the streams
+replay on the other decode instance and no block stays held."""
 
 from __future__ import annotations
 
@@ -22,13 +23,26 @@ from engine.sampling_params import SamplingParams
 TOKEN = AUTH[0][1].removeprefix("Bearer ")
 
 
-@pytest.fixture(scope="module")
-def resharded():
+LAYOUTS = {  # (prefill pool, decode pool): both directions of a layout change
+    "prefill tp=2, decode pp=2": ({"tp": 2}, {"pp": 2}),
+    "prefill pp=2, decode tp=2": ({"pp": 2}, {"tp": 2}),
+}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def resharded(request):
+    prefill_pool, decode_pool = LAYOUTS[request.param]
     config = config_from_dict(
         {
             "model": {"name": "smollm2-135m", "dtype": "float32", "device": "cpu"},
-            "prefill": {"max_num_batched_tokens": 256, "chunk_size": 64, "cpus": 0.5, "tp": 2},
-            "decode": {"instances": 2, "max_batch": 16, "kv_cache_memory": "64MiB", "cpus": 0.5, "pp": 2},
+            "prefill": {"max_num_batched_tokens": 256, "chunk_size": 64, "cpus": 0.5, **prefill_pool},
+            "decode": {
+                "instances": 2,
+                "max_batch": 16,
+                "kv_cache_memory": "64MiB",
+                "cpus": 0.5,
+                **decode_pool,
+            },
             "server": {"grpc_port": 0, "http_port": 0, "auth_token": TOKEN, "max_tokens_limit": 512},
         }
     )
@@ -73,7 +87,7 @@ def test_resharded_pools_give_the_offline_engines_greedy_tokens(resharded, stub,
     assert not any(wait_idle(resharded).values())
 
 
-def test_a_dead_decode_stage_fails_its_instance_and_the_streams_replay(resharded, stub, embedded_llm):
+def test_a_dead_decode_rank_fails_its_instance_and_the_streams_replay(resharded, stub, embedded_llm):
     killed: list[int] = []
 
     def kill_a_stage(instance) -> None:
@@ -82,5 +96,5 @@ def test_a_dead_decode_stage_fails_its_instance_and_the_streams_replay(resharded
         killed.append(pid)
 
     kill_mid_stream(resharded, stub, embedded_llm, "decode-0", kill=kill_a_stage)
-    assert _rank_pids(resharded.controller.instances["decode-0"]) != killed  # a new second stage
+    assert _rank_pids(resharded.controller.instances["decode-0"]) != killed  # a new second rank
     assert not any(wait_idle(resharded).values())
