@@ -68,6 +68,10 @@ def engine_config(config: ClusterConfig, role: str) -> EngineConfig:
         device=m.device,
         max_model_len=m.max_model_len,
         kv_cache_memory=memory,
+        # a prefill cache decode workers on the node read in place (the one-copy path over shm)
+        shared_kv_cache=role == "prefill"
+        and m.device == "cpu"
+        and config.kv_transfer.transport in ("auto", "shm"),
         **batching(config, role),
     )
 

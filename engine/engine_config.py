@@ -29,6 +29,9 @@ class EngineConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     kv_cache_memory: int | None = None  # bytes for the KV cache; None = the device's default
     gpu_memory_utilization: float = 0.90
+    # CPU: the KV cache in shared memory, so a decode worker on the node copies blocks straight
+    # out of it (the one-copy KV transfer over shm; engine/kv_cache.py)
+    shared_kv_cache: bool = False
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     max_prefill_chunk: int | None = None  # None: a prompt's chunk is bounded by the step's budget only
@@ -99,7 +102,9 @@ class EngineConfig:
 
     @property
     def cache(self) -> CacheConfig:
-        return CacheConfig(self.block_size, self.kv_cache_memory, self.gpu_memory_utilization)
+        return CacheConfig(
+            self.block_size, self.kv_cache_memory, self.gpu_memory_utilization, self.shared_kv_cache
+        )
 
     @property
     def scheduler(self) -> SchedulerConfig:

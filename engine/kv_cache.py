@@ -11,10 +11,17 @@ Layout (KV transfer moves these blocks, so this is a contract)::
     cache[l, :, T[p // block_size], p % block_size]
 
 Blocks ids are shared by all layers: a sequence owns block b in every layer at once.
+
+A CPU cache can live in shared memory (`CacheConfig.shared`: a memfd segment): a decode worker on
+the same node then maps it and copies a request's blocks straight out of it, one copy in all
+(kv_transfer/transports/shm.py), instead of the two a staged frame costs.
 """
 
 from __future__ import annotations
 
+import mmap
+import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +38,7 @@ class CacheConfig:
     block_size: int = DEFAULT_BLOCK_SIZE
     memory_bytes: int | None = None  # KV budget; None = 1 GiB on CPU, `gpu_memory_utilization` on GPU
     gpu_memory_utilization: float = 0.90
+    shared: bool = False  # CPU: in a shared-memory segment another process on the node can map
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -79,4 +87,46 @@ def allocate_kv_cache(
             f"{block_bytes(model, cache.block_size, dtype)} bytes; raise the cache memory"
         )
     shape = (model.num_layers, 2, num_blocks, cache.block_size, model.num_kv_heads, model.head_dim)
+    if cache.shared and device.type == "cpu":
+        return shared_zeros(shape, dtype)
     return torch.zeros(shape, dtype=dtype, device=device)
+
+
+_SEGMENTS: dict[int, tuple[int, int]] = {}  # first byte's address -> (memfd, bytes) of shared caches
+
+
+def shared_zeros(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor in a memfd segment (fresh memfd pages are zero), mapped shared; the
+    descriptor stays open (for `shared_segment`) until the tensor is collected."""
+    nbytes = dtype.itemsize
+    for n in shape:
+        nbytes *= n
+    fd = os.memfd_create("pdserve-kv-cache", os.MFD_CLOEXEC)
+    try:
+        os.ftruncate(fd, nbytes)
+        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED)
+    except BaseException:
+        os.close(fd)
+        raise
+    tensor = torch.frombuffer(mapping, dtype=torch.uint8).view(dtype).view(shape)  # keeps `mapping`
+    address = tensor.data_ptr()
+    _SEGMENTS[address] = (fd, nbytes)
+    weakref.finalize(tensor, _release_segment, address, fd)
+    return tensor
+
+
+def _release_segment(address: int, fd: int) -> None:
+    _SEGMENTS.pop(address, None)
+    os.close(fd)
+
+
+def shared_segment(tensor: torch.Tensor) -> tuple[int, int, int] | None:
+    """(memfd, offset of `tensor`'s first byte in it, the segment's bytes) when `tensor` is a view
+    of a shared cache (`CacheConfig.shared`), else None."""
+    if tensor.device.type != "cpu":
+        return None
+    address = tensor.data_ptr()
+    for start, (fd, nbytes) in _SEGMENTS.items():
+        if start <= address < start + nbytes:
+            return fd, address - start, nbytes
+    return None

@@ -182,6 +182,19 @@ def scatter_blocks(dst: torch.Tensor, block_ids: torch.Tensor, src: torch.Tensor
     dst_rows[block_ids.numpy()] = src_rows
 
 
+def copy_blocks(dst: torch.Tensor, dst_ids: torch.Tensor, src: torch.Tensor, src_ids: torch.Tensor) -> None:
+    """dst[:, :, dst_ids] = src[:, :, src_ids] for caches [layers, 2, blocks, ...] (views of some
+    layers and heads of each): one copy, run by run. Blocks consecutive on both sides go in one
+    slice copy, so a request whose blocks were allocated in order moves at memcpy speed."""
+    d, s_ = dst_ids.tolist(), src_ids.tolist()
+    start = 0
+    for i in range(1, len(d) + 1):
+        if i == len(d) or d[i] != d[i - 1] + 1 or s_[i] != s_[i - 1] + 1:
+            n = i - start
+            dst[:, :, d[start] : d[start] + n].copy_(src[:, :, s_[start] : s_[start] + n])
+            start = i
+
+
 def encode_ref(
     cache: torch.Tensor,
     layers: tuple[int, int],

@@ -26,10 +26,16 @@
     lossless     "" | zstd | lz4
     raw          payload length before the lossless stage (P when lossless is "")
     plen         P
+    ref          true: the payload is not a copy but layers [layer_start, layer_end) of the sender's
+                 whole cache, read where it lies (a shared-memory cache the receiver mapped: the
+                 one-copy path, codec none only); `blocks` are then the sender's blocks to copy
+    src_blocks   ref frames: the sender cache's number of blocks (0 otherwise)
+    src_heads    ref frames: [first, end) of the KV heads the sender's cache holds (= heads otherwise)
     csum alg     checksum of the P payload bytes and its algorithm: xxh3_64 for host payloads,
                  sum64 (position-weighted 64-bit word sum, computed on the device) for GPU ones;
                  without a lossless stage the host's xxh3_64 is computed piece by piece as the
-                 codec writes (and reads) the payload (StreamingChecksum), the same value
+                 codec writes (and reads) the payload (StreamingChecksum), the same value;
+                 "none" for ref frames only (their bytes never travel)
 
 Checks, in order, each with its own error: magic and header length (TruncatedFrameError,
 FrameTooLargeError), msgpack and field types (FrameError), version (UnsupportedVersionError), codec
@@ -62,7 +68,7 @@ FORMAT_VERSION = 2  # 2: the head range (frames between instances of different l
 PREFIX = struct.Struct("<4sI")  # magic, header length
 MAX_HEADER_BYTES = 1 << 20
 LOSSLESS = ("", "zstd", "lz4")
-CHECKSUMS = ("xxh3_64", "sum64")
+CHECKSUMS = ("xxh3_64", "sum64", "none")
 _MIX = -0x61C8864680B583EB  # 0x9E3779B97F4A7C15 (odd) as a signed 64-bit value
 
 _FIELDS = {  # wire key -> (attribute, type)
@@ -82,6 +88,9 @@ _FIELDS = {  # wire key -> (attribute, type)
     "lossless": ("lossless", str),
     "raw": ("raw_len", int),
     "plen": ("payload_len", int),
+    "ref": ("by_reference", bool),
+    "src_blocks": ("src_blocks", int),
+    "src_heads": ("src_heads", list),
     "csum": ("checksum", int),
     "alg": ("checksum_alg", str),
 }
@@ -107,6 +116,9 @@ class FrameHeader:
     payload_len: int
     checksum: int
     checksum_alg: str
+    by_reference: bool = False
+    src_blocks: int = 0
+    src_heads: tuple[int, int] | None = None  # None: the same as heads
 
     @property
     def num_blocks(self) -> int:
@@ -117,13 +129,19 @@ class FrameHeader:
         return range(*self.layers)
 
     @property
+    def num_layers(self) -> int:
+        return self.layers[1] - self.layers[0]
+
+    @property
     def num_heads(self) -> int:
         """KV heads the payload carries."""
         return self.heads[1] - self.heads[0]
 
     def encode(self) -> bytes:
         """magic + header length + msgpack header: the frame's bytes before the payload."""
-        body = msgpack.packb({key: getattr(self, attr) for key, (attr, _) in _FIELDS.items()})
+        fields = {key: getattr(self, attr) for key, (attr, _) in _FIELDS.items()}
+        fields["src_heads"] = fields["src_heads"] or self.heads
+        body = msgpack.packb(fields)
         return PREFIX.pack(MAGIC, len(body)) + body
 
 
@@ -173,11 +191,12 @@ def _check_fields(raw: dict) -> FrameHeader:
     values = {}
     for key, (attr, kind) in _FIELDS.items():
         value = raw[key]
-        if not isinstance(value, kind) or isinstance(value, bool):
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
             raise FrameError(f"frame header field {key!r} must be {kind.__name__}, got {value!r:.80}")
         values[attr] = value
     layers, heads, blocks = values["layers"], values["heads"], values["block_ids"]
-    for name, span in (("layer", layers), ("head", heads)):
+    src_heads = values["src_heads"]
+    for name, span in (("layer", layers), ("head", heads), ("sender head", src_heads)):
         if len(span) != 2 or not all(isinstance(x, int) for x in span) or not 0 <= span[0] < span[1]:
             raise FrameError(f"frame {name} range {span!r:.80} is not [start, end) with 0 <= start < end")
     if not blocks or not all(isinstance(b, int) and b >= 0 for b in blocks):
@@ -193,7 +212,14 @@ def _check_fields(raw: dict) -> FrameHeader:
         raise UnknownCodecError(f"unknown checksum {values['checksum_alg']!r}; known: {CHECKSUMS}")
     if heads[1] > values["num_kv_heads"]:
         raise FrameError(f"frame head range {heads} exceeds the model's {values['num_kv_heads']} KV heads")
+    if values["by_reference"] != (values["checksum_alg"] == "none"):
+        raise FrameError("only a frame read in place (ref) goes without a checksum, and it always does")
+    if values["by_reference"] and (
+        values["codec"] != "none" or values["lossless"] or values["src_blocks"] < 1
+    ):
+        raise FrameError("a frame read in place carries codec none, no lossless stage and src_blocks >= 1")
     values["layers"], values["heads"], values["block_ids"] = tuple(layers), tuple(heads), tuple(blocks)
+    values["src_heads"] = tuple(src_heads)
     return FrameHeader(**values)
 
 

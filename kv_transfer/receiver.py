@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.block_manager import BlockAllocator, blocks_needed
+from kernels.kv_quant import copy_blocks
 from kv_transfer import codecs
 from kv_transfer.codecs import CodecSpec
 from kv_transfer.errors import (
@@ -296,6 +297,16 @@ class KVReceiver:
         layer_slice, head_slice = self._local(header)
         layers = (layer_slice.start, layer_slice.stop)
         cache = self.cache if header.heads == self.layout.heads else self.cache[..., head_slice, :]
+        if header.by_reference:  # the sender's cache layers, mapped: copy the blocks straight out
+            check_payload_length(header, payload)
+            lay, (h0, h1) = self.layout, header.src_heads
+            src = payload.view(lay.torch_dtype).view(
+                header.num_layers, 2, header.src_blocks, lay.block_size, h1 - h0, lay.head_dim
+            )
+            src_ids = torch.tensor(header.block_ids[: len(dst)], dtype=torch.int64)
+            src = src[..., header.heads[0] - h0 : header.heads[1] - h0, :]
+            copy_blocks(cache[layer_slice], dst, src, src_ids)
+            return
         if not (header.checksum_alg == StreamingChecksum.alg and streams_checksum(payload, header.lossless)):
             verify_payload(header, payload)
             raw = codecs.decompress(header.lossless, payload, header.raw_len)
@@ -368,6 +379,19 @@ class KVReceiver:
                 f"frame blocks {h.first_block}..{h.first_block + h.num_blocks - 1} exceed the "
                 f"{len(t.block_ids)} blocks reserved for {h.request_id!r}"
             )
+        if h.by_reference:
+            self._check_reference(h)
+        else:
+            self._check_payload(h)
+        layers, heads = self._local(h)
+        seen = t.received[layers, heads, h.first_block : h.first_block + h.num_blocks]
+        if seen.any():
+            layer = h.layers[0] + int(seen.flatten(1).any(dim=1).nonzero()[0])
+            raise LayerSequenceError(f"layer {layer} of {h.request_id!r} arrived twice")
+
+    def _check_payload(self, h: FrameHeader) -> None:
+        """A frame carrying its bytes: their size within limits and as the layout needs."""
+        mine = self.layout
         if h.payload_len > self.max_frame_bytes or h.raw_len > self.max_frame_bytes:
             raise FrameTooLargeError(
                 f"frame for {h.request_id!r} carries {max(h.payload_len, h.raw_len)} bytes; "
@@ -388,11 +412,32 @@ class KVReceiver:
             )
         if not h.lossless and h.payload_len != h.raw_len:
             raise FrameError(f"frame for {h.request_id!r}: {h.payload_len} payload bytes but raw {h.raw_len}")
-        layers, heads = self._local(h)
-        seen = t.received[layers, heads, h.first_block : h.first_block + h.num_blocks]
-        if seen.any():
-            layer = h.layers[0] + int(seen.flatten(1).any(dim=1).nonzero()[0])
-            raise LayerSequenceError(f"layer {layer} of {h.request_id!r} arrived twice")
+
+    def _check_reference(self, h: FrameHeader) -> None:
+        """A frame read in place (the sender's cache layers): its geometry, and its blocks within it."""
+        (h0, h1), lay = h.src_heads, self.layout
+        if not (h0 <= h.heads[0] and h.heads[1] <= h1 <= lay.num_kv_heads):
+            raise LayoutMismatchError(
+                f"frame for {h.request_id!r} carries KV heads {h.heads} of a sender holding {h.src_heads}"
+            )
+        expected = (
+            h.num_layers
+            * 2
+            * h.src_blocks
+            * lay.block_size
+            * (h1 - h0)
+            * lay.head_dim
+            * lay.torch_dtype.itemsize
+        )
+        if h.payload_len != expected or h.raw_len != expected:
+            raise LayoutMismatchError(
+                f"frame for {h.request_id!r} names {h.payload_len} bytes of the sender's cache; "
+                f"{h.num_layers} layers of {h.src_blocks} blocks x {h1 - h0} heads are {expected}"
+            )
+        if any(b >= h.src_blocks for b in h.block_ids):
+            raise LayoutMismatchError(
+                f"frame for {h.request_id!r} names blocks beyond the sender's {h.src_blocks}"
+            )
 
     def _close(self, t: IncomingTransfer, state: ReceiveState, error: TransferError | None) -> None:
         """End a transfer: free its blocks exactly once and remember the outcome."""

@@ -72,6 +72,7 @@ class Route:
 @dataclass
 class _RouteState:
     route: Route
+    by_reference: bool = False  # the receiver reads this cache in place (shared memory, codec none)
     num_frames: int = 0
 
 
@@ -137,7 +138,11 @@ class KVSender:
             raise TransferError(f"request {request_id!r} has no KV blocks to send")
         if isinstance(to, Connection):
             to = [Route(to, self.layout.layer_range, self.layout.head_range)]
-        routes = [_RouteState(self._check_route(route)) for route in to]
+        in_place = self.codec.name == "none" and not self.codec.lossless
+        routes = [
+            _RouteState(self._check_route(route), in_place and route.connection.by_reference(self.cache))
+            for route in to
+        ]
         if not routes:
             raise TransferError(f"request {request_id!r} has nowhere to send its KV")
         ids = torch.tensor(block_ids, dtype=torch.int64, device=self.cache.device)
@@ -173,6 +178,9 @@ class KVSender:
                 for r in t.routes:
                     lo = max(t.layers_sent, r.route.layers.start - first_layer)
                     hi = min(upto, r.route.layers.stop - first_layer)
+                    if r.by_reference and lo < hi:
+                        self._send_reference(t, r, lo, hi)
+                        continue
                     heads = len(r.route.heads)
                     for a, b, first, count in self._frame_plan(lo, hi, len(t.block_ids), heads):
                         self._send_frame(t, r, a, b, first, count)
@@ -311,6 +319,37 @@ class KVSender:
             checksum_alg=alg,
         )
         connection.send(Frame(header.encode(), payload))
+        r.num_frames += 1
+
+    def _send_reference(self, t: OutgoingTransfer, r: _RouteState, a: int, b: int) -> None:
+        """One frame naming this cache's layers [a, b) where they lie, for a receiver that maps the
+        cache (the one-copy path): it copies the request's blocks out itself."""
+        payload = self.cache[a:b].reshape(-1).view(torch.uint8)
+        first_layer, heads = self.layout.layers[0], r.route.heads
+        header = FrameHeader(
+            version=FORMAT_VERSION,
+            request_id=t.request_id,
+            fingerprint=self.layout.fingerprint,
+            layers=(a + first_layer, b + first_layer),
+            heads=(heads.start, heads.stop),
+            block_ids=tuple(t.block_ids),
+            first_block=0,
+            block_size=self.layout.block_size,
+            num_kv_heads=self.layout.num_kv_heads,
+            head_dim=self.layout.head_dim,
+            dtype=self.layout.dtype,
+            codec="none",
+            scale_layout="",
+            lossless="",
+            raw_len=payload.numel(),
+            payload_len=payload.numel(),
+            checksum=0,
+            checksum_alg="none",
+            by_reference=True,
+            src_blocks=self.cache.shape[2],
+            src_heads=self.layout.heads,
+        )
+        r.route.connection.send(Frame(header.encode(), payload))
         r.num_frames += 1
 
     def _tell_abort(self, t: OutgoingTransfer, reason: str) -> None:

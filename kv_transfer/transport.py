@@ -58,6 +58,13 @@ class Connection(ABC):
         tensors need nothing; transports that lend staging slots take the slot back."""
         del buffer
 
+    def by_reference(self, tensor: torch.Tensor) -> bool:
+        """Whether a frame whose payload is a view of `tensor` (a sender's KV cache in shared
+        memory, engine/kv_cache.py) can travel by reference: the receiver maps that memory once
+        and reads the payload where it lies (the one-copy path). Most links copy: False."""
+        del tensor
+        return False
+
     @abstractmethod
     def send(self, frame: Frame) -> None:
         """Queue a frame for delivery; raises TransferError if the link is already broken."""

@@ -7,9 +7,11 @@ request's KV (sender encode -> frames -> transport -> receiver checks + decode i
 blocks -> ack); GB/s counts the original bfloat16 KV bytes over the wall time from the first
 frame to the acknowledgement. Ceilings, same bytes, same run: one memcpy (`torch` copy_) for
 `shm`, a raw TCP socket between two processes on loopback for `grpc`; `ray` is the baseline.
-Rows "<transport> frames" isolate the transport: the same bytes as 32 MiB frames written into
-the transport's buffers (one copy, like memcpy) and delivered to a sink that drops them, with no
-gather, checksum or decode.
+Row "shm one-copy" has the prefill cache in shared memory (what a CPU prefill worker in the
+cluster uses): frames name the layers where they lie and the decode process copies the blocks
+straight out of the sender's cache, one copy in all. Rows "<transport> frames" isolate the
+transport: the same bytes as 32 MiB frames written into the transport's buffers (one copy, like
+memcpy) and delivered to a sink that drops them, with no gather, checksum or decode.
 
     .venv/bin/python scripts/bench_transfer.py                      # all transports and codecs
     .venv/bin/python scripts/bench_transfer.py --tokens 2048 --transports shm --codecs none
@@ -28,6 +30,7 @@ from collections.abc import Callable
 import torch
 
 from engine.block_manager import BlockAllocator, blocks_needed
+from engine.kv_cache import shared_zeros
 from kv_transfer.codecs import CodecSpec
 from kv_transfer.frame import FORMAT_VERSION, FrameHeader
 from kv_transfer.layout import KVLayout
@@ -40,9 +43,9 @@ LAYOUT = KVLayout(32, 16, 8, 128, "bfloat16", "llama-3.1-8b-shape")
 BYTES_PER_TOKEN = LAYOUT.bytes_per_block_layer // LAYOUT.block_size * LAYOUT.num_layers
 
 
-def make_cache(num_blocks: int, fill: bool) -> torch.Tensor:
+def make_cache(num_blocks: int, fill: bool, shared: bool = False) -> torch.Tensor:
     shape = (LAYOUT.num_layers, 2, num_blocks, *LAYOUT.block_shape)
-    cache = torch.empty(shape, dtype=torch.bfloat16)
+    cache = shared_zeros(shape, torch.bfloat16) if shared else torch.empty(shape, dtype=torch.bfloat16)
     if fill:
         gen = torch.Generator().manual_seed(0)
         for layer in cache:  # layer by layer: no float32 copy of the whole cache
@@ -213,14 +216,16 @@ def gbps(nbytes: int, times: list[float]) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
-def run_transport(kind: str, codecs_: list[str], tokens: list[int], repeats: int, src: torch.Tensor):
+def run_transport(
+    kind: str, codecs_: list[str], tokens: list[int], repeats: int, src: torch.Tensor, frames_too: bool = True
+):
     options = {}
     side = DecodeSide(kind, src.shape[2], options)
     connection = connect(kind, side.address)
     results, frames = {}, {}
     try:
         null = connect(kind, side.null_address)
-        for n in tokens:
+        for n in tokens if frames_too else ():
             frames["none", n] = gbps(
                 n * BYTES_PER_TOKEN, time_frames(null, src, n * BYTES_PER_TOKEN, repeats)
             )
@@ -272,6 +277,10 @@ def main() -> None:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     for kind in args.transports:
         rows[kind], rows[f"{kind} frames"] = run_transport(kind, args.codecs, args.tokens, args.repeats, src)
+        if kind == "shm" and "none" in args.codecs:
+            shared = make_cache(src.shape[2], fill=True, shared=True)
+            rows["shm one-copy"], _ = run_transport(kind, ["none"], args.tokens, args.repeats, shared, False)
+            del shared
 
     print(
         "\n| path | codec | "

@@ -18,6 +18,8 @@ of the region).
     frame     request, header, region, offset, plen      free   region      after on_frame returns
               (region None: nothing staged, plen is 0 or over max_frame_bytes)
     frame_fd  request, header, plen  + 1 memfd           free_oneoff        after on_frame returns
+    share     segment, nbytes  + 1 memfd                 (no reply)  a shared KV cache, mapped read-only
+    frame_ref request, header, segment, offset, plen     (no reply)  the payload read where it lies
     end       request, num_frames                        ack    request
                                                          error  request, class name, message
     abort     request, reason                            (no reply)
@@ -26,6 +28,12 @@ of the region).
     The receiver consumes one connection's frames in order, so regions come back in the order they
     were taken; a region lent by payload_buffer and given back unsent is marked free and the tail
     moves past it once everything older is free too.
+
+A sender whose KV cache lives in shared memory (engine/kv_cache.py) shares it once per connection;
+frames whose payload is a view of it ("ref" frames, kv_transfer/frame.py) then carry only where
+it lies, and the receiver copies the request's blocks straight out of the sender's cache: one
+copy in all, where a staged frame costs two (the sender's gather into the ring, the receiver's
+scatter out of it). The sender holds those blocks until the ack, as for any frame.
 
 Frames larger than the ring go through a one-off memfd of their exact size (one in flight at a
 time; CUDA connections refuse them with FrameTooLargeError, raise ring_bytes instead). The sink
@@ -55,6 +63,7 @@ import socket
 import struct
 import tempfile
 import threading
+import warnings
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -62,6 +71,7 @@ from dataclasses import dataclass, field
 import msgpack
 import torch
 
+from engine.kv_cache import shared_segment
 from kv_transfer.errors import (
     FrameTooLargeError,
     PeerDisconnectedError,
@@ -138,15 +148,18 @@ class _Channel:
             os.close(self._fds.popleft())
 
 
-def _map_fd(fd: int, nbytes: int) -> tuple[mmap.mmap, torch.Tensor]:
+def _map_fd(fd: int, nbytes: int, writable: bool = True) -> tuple[mmap.mmap, torch.Tensor]:
     size = os.fstat(fd).st_size
     if size < nbytes:  # reading past the end of a segment would kill this process with SIGBUS
         raise TransferError(f"a shared-memory segment of {size} bytes cannot hold {nbytes}")
+    prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
     try:
-        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | _POPULATE)
+        mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED | _POPULATE, prot=prot)
     except OSError as exc:
         raise TransferError(f"cannot map a {nbytes}-byte shared-memory segment: {exc}") from exc
-    return mapping, torch.frombuffer(mapping, dtype=torch.uint8)
+    with warnings.catch_warnings():  # a read-only mapping: torch warns it cannot be written (it is not)
+        warnings.simplefilter("ignore", UserWarning)
+        return mapping, torch.frombuffer(mapping, dtype=torch.uint8)
 
 
 def _new_segment(nbytes: int, name: str) -> tuple[int, mmap.mmap, torch.Tensor]:
@@ -313,6 +326,7 @@ class ShmConnection(Connection):
         self._ring_bytes = ring_bytes
         self._ring_timeout = ring_timeout
         self._mappings: list[mmap.mmap] = []
+        self._shared: dict[int, tuple[int, int]] = {}  # a shared cache's address -> (segment, bytes)
         self._pending: dict[str, _Pending] = {}
         self._lock = threading.Lock()
         self._closed = False
@@ -417,13 +431,38 @@ class ShmConnection(Connection):
         if lent is not None:
             self._ring.release(lent[0])
 
+    def by_reference(self, tensor: torch.Tensor) -> bool:
+        """True for a CPU tensor in a shared cache segment, which is shared with the receiver (once)."""
+        if self._device.type != "cpu" or (segment := shared_segment(tensor)) is None:
+            return False
+        fd, offset, nbytes = segment
+        start = tensor.data_ptr() - offset
+        with self._lock:
+            if start not in self._shared:
+                self._check_open()
+                self._post(["share", len(self._shared), nbytes], [fd])
+                self._shared[start] = (len(self._shared), nbytes)
+        return True
+
+    def _reference(self, payload: torch.Tensor) -> tuple[int, int] | None:
+        """(segment, offset) of a payload lying in a segment shared on this connection."""
+        address = payload.data_ptr()
+        for start, (segment, nbytes) in self._shared.items():
+            if start <= address and address + payload.numel() <= start + nbytes:
+                return segment, address - start
+        return None
+
     def send(self, frame: Frame) -> None:
-        """Post a frame. A payload from payload_buffer is posted in place; any other payload is
-        copied into a fresh region (or a one-off segment when larger than the ring)."""
+        """Post a frame. A payload from payload_buffer is posted in place, one in a shared cache by
+        reference; any other payload is copied into a fresh region (or a one-off segment when
+        larger than the ring)."""
         self._check_open()
         request_id = peek_request_id(frame.header) or ""
         payload = frame.payload.reshape(-1)
         length = payload.numel()
+        if length and self._shared and (where := self._reference(payload)) is not None:
+            self._post(["frame_ref", request_id, frame.header, *where, length])
+            return
         lent = self._ring.take_lent(payload) if length else None
         if length == 0 or len(frame.header) + length > self._max_frame_bytes:
             if lent is not None:
@@ -511,6 +550,7 @@ class _ServerConnection:
         self.channel = channel
         self.ring = torch.empty(0, dtype=torch.uint8)
         self.mappings: list[mmap.mmap] = []
+        self.shared: dict[int, torch.Tensor] = {}  # the sender's shared caches, by segment
         self.device = torch.device("cpu")
         self.endpoint = SinkEndpoint(server.sink, server.sink_lock)
 
@@ -528,6 +568,10 @@ class _ServerConnection:
                     (fd,) = self.channel.take_fds(1)
                     self._frame(*message[1:3], None, 0, message[3], fd)
                     self._reply(["free_oneoff"])
+                elif kind == "share":
+                    self._share(*message[1:])
+                elif kind == "frame_ref":
+                    self._frame_ref(*message[1:])
                 elif kind == "end":
                     self._end(*message[1:])
                 elif kind == "abort":
@@ -612,6 +656,26 @@ class _ServerConnection:
                 _unmap([mapping])
             if fd is not None:
                 os.close(fd)
+
+    def _share(self, segment: int, nbytes: int) -> None:
+        (fd,) = self.channel.take_fds(1)
+        try:
+            mapping, self.shared[segment] = _map_fd(fd, nbytes, writable=False)
+            self.mappings.append(mapping)
+        finally:
+            os.close(fd)
+
+    def _frame_ref(self, request_id: str, header: bytes, segment: int, offset: int, length: int) -> None:
+        if self.endpoint.has_failed(request_id):
+            return
+        cache = self.shared.get(segment)
+        if cache is None or offset < 0 or offset + length > cache.numel():
+            self.endpoint.fail(
+                request_id,
+                TransferError(f"frame of {request_id!r} names bytes outside the sender's shared cache"),
+            )
+            return
+        self.endpoint.frame(request_id, Frame(header, cache[offset : offset + length]))
 
     def _end(self, request_id: str, num_frames: int) -> None:
         error = self.endpoint.end(request_id, num_frames)
