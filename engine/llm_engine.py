@@ -254,12 +254,13 @@ class LLMEngine:
                 chunk.seq.first_scheduled_time = now  # its queueing ends as its first step starts
         for seq in plan.out_of_memory:
             self._finish(seq, "length")
-        on_layer_stored = None
+        on_layer_stored, hooked = None, ()
         if layer_hook is not None:
             done = [(c.seq.request_id, list(c.seq.block_table)) for c in plan.chunks if c.samples]
             done = done if self.role == "prefill" else []
             on_layer_stored = (lambda layer: layer_hook(done, layer)) if done else None
-        sampled = self.runner.execute(plan.chunks, on_layer_stored) if plan.chunks else None
+            hooked = tuple((request_id, tuple(blocks)) for request_id, blocks in done)
+        sampled = self.runner.execute(plan.chunks, on_layer_stored, hooked) if plan.chunks else None
         updated = self._postprocess(plan.chunks, sampled)
         ready, self._ready = self._ready, []
         return ready + [

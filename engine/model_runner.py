@@ -38,6 +38,9 @@ class Step:
 
     micro_batches: tuple[StepInputs, ...]
     every_token: bool = False
+    # (request id, its blocks) of the requests whose prefill ends in this step, when rank 0 sends
+    # their KV layer by layer: every rank's `layer_hook` sends its own part of each as it is stored
+    hooked: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 
 class ModelRunner:
@@ -77,6 +80,9 @@ class ModelRunner:
         ]
         self.sampler = Sampler()
         self.sample_vocab_size = sample_vocab_size or self.config.vocab_size
+        # Ranks other than 0 of a tensor-parallel prefill engine: called as each layer's K/V are
+        # stored with the step's `hooked` requests (installed by the rank's KV service)
+        self.layer_hook: Callable[[list[tuple[str, list[int]]], int], None] | None = None
 
     def _bind_cache(self) -> None:
         # Bound per step, not once: engines built over one loaded model (tests, benchmarks) stay correct.
@@ -187,11 +193,15 @@ class ModelRunner:
 
     @torch.inference_mode()
     def compute_logits(
-        self, chunks: list[ScheduledChunk], on_layer_stored: Callable[[int], None] | None = None
+        self,
+        chunks: list[ScheduledChunk],
+        on_layer_stored: Callable[[int], None] | None = None,
+        hooked: tuple[tuple[str, tuple[int, ...]], ...] = (),
     ) -> torch.Tensor:
         """Logits [S, vocab] (float32) for the chunks that end their sequence, in chunk order.
-        `on_layer_stored(layer)` runs as each layer's K/V land in the cache (layer-wise KV transfer)."""
-        return self._run(chunks, False, on_layer_stored)
+        `on_layer_stored(layer)` runs as each layer's K/V land in the cache (layer-wise KV transfer);
+        `hooked` tells the other ranks whose KV their own layer hooks send."""
+        return self._run(chunks, False, on_layer_stored, hooked)
 
     @torch.inference_mode()
     def compute_all_logits(self, chunks: list[ScheduledChunk]) -> torch.Tensor:
@@ -199,12 +209,16 @@ class ModelRunner:
         return self._run(chunks, True, None)
 
     def _run(
-        self, chunks: list[ScheduledChunk], every_token: bool, on_layer_stored: Callable[[int], None] | None
+        self,
+        chunks: list[ScheduledChunk],
+        every_token: bool,
+        on_layer_stored: Callable[[int], None] | None,
+        hooked: tuple[tuple[str, tuple[int, ...]], ...] = (),
     ) -> torch.Tensor:
         if self.links is None:
             inputs = self.prepare(chunks)
             if self.fan_out is not None:
-                self.fan_out(Step((inputs,), every_token))
+                self.fan_out(Step((inputs,), every_token, hooked if on_layer_stored is not None else ()))
             return self.logits(self.forward(inputs, on_layer_stored), inputs, every_token)
         if on_layer_stored is not None:
             raise ValueError(
@@ -223,8 +237,9 @@ class ModelRunner:
         if self.links is not None:
             self.links.run_step(self, step)
             return
-        for inputs in step.micro_batches:
-            self.forward(inputs)
+        hook, hooked = self.layer_hook, [(rid, list(blocks)) for rid, blocks in step.hooked]
+        for inputs in step.micro_batches:  # one: without pipeline stages the step is not cut
+            self.forward(inputs, (lambda layer: hook(hooked, layer)) if hook and hooked else None)
 
     def logits(self, hidden: torch.Tensor, inputs: StepInputs, every_token: bool) -> torch.Tensor:
         """Float32 logits at the sampled rows of `hidden` (every row with `every_token`)."""
@@ -261,10 +276,13 @@ class ModelRunner:
         self.graphs = DecodeGraphs(self.model, max_batch, max_blocks, self.device, capture)
 
     def execute(
-        self, chunks: list[ScheduledChunk], on_layer_stored: Callable[[int], None] | None = None
+        self,
+        chunks: list[ScheduledChunk],
+        on_layer_stored: Callable[[int], None] | None = None,
+        hooked: tuple[tuple[str, tuple[int, ...]], ...] = (),
     ) -> SamplerOutput | None:
         sampling = [c.seq for c in chunks if c.samples]
-        logits = self.compute_logits(chunks, on_layer_stored)
+        logits = self.compute_logits(chunks, on_layer_stored, hooked)
         if not sampling:
             return None
         logits = logits[:, : self.sample_vocab_size]

@@ -3,15 +3,19 @@
 each other rank sends its own pieces from its own cache (kv_transfer/rank_kv.py), straight to the
 decode ranks that own them. This class holds the request's blocks for all of them:
 
-    start(request, blocks, destination)   rank 0's routes start; ranks 1.. told to send theirs
-    send_layers(request, upto)            rank 0 alone, layer by layer (single-rank instances)
-    finish(request)                       rank 0 sends the rest and waits for its acks, then for
-                                          every other rank's; the first error is raised
+    prepare(request, destination)         (tensor parallel) every other rank learns where it goes
+    start(request, blocks, destination)   rank 0's routes start
+    send_layers(request, upto)            rank 0's layers as prefill stores them; with tensor
+                                          parallelism every other rank sends its own from its
+                                          forward at the same time (the step names the requests)
+    finish(request)                       rank 0 sends the rest and waits for its acks; then every
+                                          other rank does (all of its part, with pipeline stages);
+                                          the first error is raised
     abort / expire                        every rank drops the transfer
     ── the blocks are freed once, when rank 0 is done and every other rank has answered ──
 
-A single-rank instance sends everything itself, layer by layer as prefill computes. The other
-ranks send after the prefill step that computed the KV (their layers run in other processes).
+With pipeline stages the other ranks send once the prefill step that computed the KV has ended
+(a step's micro-batches interleave on each stage, so a stored layer is not yet a whole request's).
 """
 
 from __future__ import annotations
@@ -68,8 +72,21 @@ class InstanceSender:
 
     @property
     def layerwise(self) -> bool:
-        """Whether `send_layers` can run as prefill computes each layer: rank 0 holds them all."""
-        return self.services is None
+        """Whether every rank sends layer by layer as prefill stores them: one pipeline stage."""
+        return self.shard.pp == 1
+
+    def prepare(self, request_id: str, destination: KVDestination) -> None:
+        """Before the request runs: every other rank of a tensor-parallel instance learns its
+        destination, so its forward can send its part layer by layer."""
+        if self.services is None or not self.layerwise:
+            return
+        calls = self.services.call_all("prepare", request_id, destination)
+        done, pending = wait_all(calls.values(), timeout=REMOTE_GRACE_S)
+        for future in done:
+            if future.exception() is not None:
+                raise _as_transfer_error(future.exception())
+        if pending:
+            raise TransferTimeoutError(f"the other ranks did not take {request_id!r}'s destination in time")
 
     @property
     def num_held_blocks(self) -> int:
@@ -88,13 +105,12 @@ class InstanceSender:
         with self._lock:
             if request_id in self._transfers:
                 raise TransferError(f"a transfer of {request_id!r} is already in progress")
-            routes = routes_for(self.shard, 0, destination, self.pool)
-            self.sender.start(request_id, block_ids, routes)
-            t = self._transfers[request_id] = _Transfer(list(block_ids), destination)
-        if self.services is not None:
-            t.remote = list(self.services.call_all("send", request_id, t.blocks, destination).values())
-            for future in t.remote:
-                future.add_done_callback(lambda _, rid=request_id: self._release(rid))
+            try:
+                self.sender.start(request_id, block_ids, routes_for(self.shard, 0, destination, self.pool))
+            except BaseException:
+                self._abort_remote(request_id, "the transfer could not start on rank 0")
+                raise
+            self._transfers[request_id] = _Transfer(list(block_ids), destination)
 
     def send_layers(self, request_id: str, upto: int) -> None:
         self.sender.send_layers(request_id, upto)
@@ -106,13 +122,15 @@ class InstanceSender:
         if t is None:
             self.sender.finish(request_id)  # raises why it is not in progress
             return
+        if self.services is not None:  # the step that computed the KV has ended on every rank
+            self._watch(request_id, self.services.call_all("send", request_id, t.blocks, t.destination))
         try:
             self.sender.finish(request_id)
         except BaseException:
             self._abort_remote(request_id, "rank 0's part of the transfer failed")
             raise
         finally:
-            self._own_done(request_id)
+            self._own_done(request_id)  # the blocks go once the other ranks have answered too
         if t.remote:
             done, pending = wait_all(t.remote, timeout=self.sender.lease_seconds + REMOTE_GRACE_S)
             if pending:
@@ -144,8 +162,22 @@ class InstanceSender:
     # --- internals ------------------------------------------------------------------------------
 
     def _abort_remote(self, request_id: str, reason: str) -> None:
-        if self.services is not None and request_id in self._transfers:
-            self.services.call_all("abort", request_id, reason)
+        """Every other rank drops the request (prepared, sending or waiting for acks); the blocks
+        are freed only once they all have."""
+        if self.services is None:
+            return
+        calls = self.services.call_all("abort", request_id, reason)
+        if request_id in self._transfers:
+            self._watch(request_id, calls)
+
+    def _watch(self, request_id: str, calls: dict[int, Future]) -> None:
+        with self._lock:
+            t = self._transfers.get(request_id)
+            if t is None:
+                return
+            t.remote.extend(calls.values())
+        for future in calls.values():
+            future.add_done_callback(lambda _, rid=request_id: self._release(rid))
 
     def _own_done(self, request_id: str) -> None:
         with self._lock:

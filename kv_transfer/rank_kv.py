@@ -20,6 +20,8 @@ Ranks of one instance share a node; the transports between ranks of two instance
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -34,7 +36,7 @@ from kv_transfer.errors import TransferError
 from kv_transfer.layout import KVLayout
 from kv_transfer.receiver import KVReceiver
 from kv_transfer.resharding import KVDestination, ShardLayout, pieces_for, pieces_from, reshard_plan
-from kv_transfer.sender import KVSender, Route
+from kv_transfer.sender import KVSender, Route, SendState
 
 PARALLEL_KINDS = ("shm", "grpc")  # what ranks of a parallel instance can serve and reach
 
@@ -90,7 +92,11 @@ class RankKVService:
             sender = KVSender(
                 runner.kv_cache, layout, None, self.codec, self.lease_seconds, self.max_frame_bytes
             )
-            return PrefillRankKV(sender, shard, place.rank, ConnectionPool(transports.connector(self.token)))
+            handler = PrefillRankKV(
+                sender, shard, place.rank, ConnectionPool(transports.connector(self.token))
+            )
+            handler.install(runner)
+            return handler
         receiver = KVReceiver(runner.kv_cache, layout, None, self.lease_seconds, self.max_frame_bytes)
         sources = num_sources(ShardLayout.of(model, *self.source), shard, place.rank)
         servers = transports.serve_kinds(self.kinds, receiver, self.host, self.token)
@@ -98,21 +104,71 @@ class RankKVService:
 
 
 class PrefillRankKV:
-    """Prefill rank r >= 1: sends its pieces of a request when rank 0 says, once the KV is computed."""
+    """Prefill rank r >= 1: sends its pieces of each request. On a tensor-parallel instance it sends
+    layer by layer as its own forward stores them (the step names the requests, `prepare` gave
+    their destinations); otherwise all at once when rank 0 says, after the step."""
+
+    MAX_PREPARED = 4096
 
     def __init__(self, sender: KVSender, shard: ShardLayout, rank: int, pool: ConnectionPool) -> None:
         self.sender = sender
         self.shard = shard
         self.rank = rank
         self.pool = pool
+        self._prepared: OrderedDict[str, KVDestination] = OrderedDict()
+        self._failed: dict[str, BaseException] = {}  # a layer-wise send that failed, until `send`
+        self._lock = threading.Lock()
+        self.sent = {"layer by layer": 0, "whole": 0}  # requests, by how their KV left this rank
+
+    def install(self, runner: ModelRunner) -> None:
+        """Send layer by layer from this rank's forward (one stage: every layer runs here)."""
+        if self.shard.pp == 1:
+            runner.layer_hook = self.on_layer_stored
+
+    def prepare(self, request_id: str, destination: KVDestination) -> None:
+        with self._lock:
+            self._prepared[request_id] = destination
+            while len(self._prepared) > self.MAX_PREPARED:
+                self._prepared.popitem(last=False)
+
+    def on_layer_stored(self, finishing: list[tuple[str, list[int]]], layer: int) -> None:
+        """The rank's forward stored `layer` of the step's finishing requests: send it."""
+        for request_id, blocks in finishing:
+            try:
+                if layer == 0:
+                    with self._lock:
+                        destination = self._prepared.pop(request_id, None)
+                    if destination is None:
+                        continue  # not prepared: sent whole when rank 0 says
+                    routes = routes_for(self.shard, self.rank, destination, self.pool)
+                    self.sender.start(request_id, blocks, routes)
+                elif self.sender.state(request_id) is not SendState.SENDING:
+                    continue
+                self.sender.send_layers(request_id, layer + 1)
+            except Exception as exc:  # noqa: BLE001 - reported when rank 0 asks (`send`)
+                self._failed[request_id] = exc
 
     def send(self, request_id: str, block_ids: list[int], destination: KVDestination) -> None:
-        """Send this rank's pieces and wait for every receiver's ack (or raise its error)."""
-        routes = routes_for(self.shard, self.rank, destination, self.pool)
-        self.sender.start(request_id, block_ids, routes)
+        """Send what is left of this rank's pieces (everything, unless its forward sent them layer
+        by layer) and wait for every receiver's ack (or raise its error)."""
+        error = self._failed.pop(request_id, None)
+        if error is not None:
+            raise error
+        layerwise = self.sender.state(request_id) is SendState.SENDING
+        if not layerwise:
+            routes = routes_for(self.shard, self.rank, destination, self.pool)
+            self.sender.start(request_id, block_ids, routes)
         self.sender.finish(request_id)
+        self.sent["layer by layer" if layerwise else "whole"] += 1
+
+    def counts(self) -> dict[str, int]:
+        """Requests sent so far, by how their KV left this rank."""
+        return dict(self.sent)
 
     def abort(self, request_id: str, reason: str) -> None:
+        with self._lock:
+            self._prepared.pop(request_id, None)
+        self._failed.pop(request_id, None)
         self.sender.abort(request_id, reason)
 
     def housekeeping(self) -> None:

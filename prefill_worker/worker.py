@@ -10,8 +10,9 @@ holds the blocks under a lease until that instance acknowledges, and answers wit
 A request whose first token is also its last ("stop"/"length") needs no decode: its transfer is
 aborted (the decode side frees its reservation) and the result says so. Any transfer failure
 fails only that request, with the sender having freed its blocks. On a tensor- or
-pipeline-parallel instance every rank sends its own part of the KV once the step that computed
-it ends (kv_transfer/instance_sender.py).
+pipeline-parallel instance every rank sends its own part of the KV (layer by layer from its own
+forward with tensor parallelism, once the step ends with pipeline stages:
+kv_transfer/instance_sender.py).
 """
 
 from __future__ import annotations
@@ -106,6 +107,12 @@ class PrefillWorker:
                 future.set_exception(PDServeError(f"request id {request.request_id!r} is already here"))
                 return future
             self._pending[request.request_id] = _Pending(request, future, time.monotonic())
+
+        try:
+            self.sender.prepare(request.request_id, request.destination)  # tensor-parallel ranks
+        except Exception as exc:  # noqa: BLE001 - fails this request only
+            self._resolve(request.request_id, exc)
+            return future
 
         def add() -> None:
             try:

@@ -58,7 +58,8 @@ def test_each_decode_rank_serves_its_own_kv_endpoint(pair):
     prefill, decode, destination, _ = pair
     assert len(destination.addresses) == destination.tp * destination.pp == decode.engine.ranks.size
     assert len(set(destination.addresses)) == len(destination.addresses)  # one server per rank
-    assert not prefill.layerwise  # the other ranks send once the step that computed their KV ends
+    # tensor parallel: every rank sends layer by layer from its forward; with stages, after the step
+    assert prefill.layerwise == (prefill.engine.config.pipeline_parallel_size == 1)
 
 
 def test_resharded_kv_gives_the_offline_engines_greedy_tokens(pair, embedded_llm):
@@ -69,6 +70,10 @@ def test_resharded_kv_gives_the_offline_engines_greedy_tokens(pair, embedded_llm
         tokens, text, reason = run(pair, f"p{i}", prompt, GREEDY)
         assert tokens == expected[i].token_ids and text == expected[i].text and reason == "length"
     assert_idle(pair)
+    prefill = pair[0]
+    counts = prefill.engine.ranks.services.call(1, "counts").result(10)
+    how = "layer by layer" if prefill.layerwise else "whole"
+    assert counts[how] >= len(prompts) and sum(counts.values()) == counts[how]
 
 
 def test_kv_that_never_arrived_fails_the_request_and_frees_every_rank(pair):
