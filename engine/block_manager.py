@@ -38,9 +38,10 @@ class BlockAllocator:
         with self._lock:
             if n > len(self._free):
                 raise MemoryError(f"asked for {n} KV blocks, {len(self._free)} free")
-            blocks = [self._free.popleft() for _ in range(n)]
+            take, refcounts = self._free.popleft, self._refcounts
+            blocks = [take() for _ in range(n)]
             for b in blocks:
-                self._refcounts[b] = 1
+                refcounts[b] = 1
             return blocks
 
     def incref(self, block_ids: list[int]) -> None:
@@ -55,12 +56,14 @@ class BlockAllocator:
     def free(self, block_ids: list[int]) -> None:
         """Drop one ownership of each block; blocks nobody owns go back to the free list."""
         with self._lock:
+            refcounts, free = self._refcounts, self._free
             for b in block_ids:
-                if self._refcounts[b] <= 0:
+                count = refcounts[b]
+                if count <= 0:
                     raise ValueError(f"double free of KV block {b}")
-                self._refcounts[b] -= 1
-                if self._refcounts[b] == 0:
-                    self._free.append(b)
+                refcounts[b] = count - 1
+                if count == 1:
+                    free.append(b)
 
 
 def blocks_needed(num_tokens: int, block_size: int) -> int:

@@ -127,12 +127,13 @@ class Roofline:
         """FLOPs of one (query token, cached token) pair in one layer on one device: QK and PV."""
         return 4 * self.model.q_size / self.tp
 
-    def _layer_time(self, num_tokens: int, attn_flops: float, kv_bytes: float) -> float:
+    def _projections(self, num_tokens: float) -> float:
         b = self.gpu.dtype_bytes
         params = self._layer_params / self.tp
-        gemm = max(2 * num_tokens * params / self._flops_rate, params * b / self._byte_rate)
-        attention = max(attn_flops / self._flops_rate, kv_bytes / self._byte_rate)
-        return gemm + attention + 2 * self._all_reduce(num_tokens)
+        return max(2 * num_tokens * params / self._flops_rate, params * b / self._byte_rate)
+
+    def _attention(self, attn_flops: float, kv_bytes: float) -> float:
+        return max(attn_flops / self._flops_rate, kv_bytes / self._byte_rate)
 
     def _all_reduce(self, num_tokens: int) -> float:
         if self.tp == 1:
@@ -154,6 +155,18 @@ class Roofline:
     def _layers_per_stage(self) -> int:
         return math.ceil(self.model.num_layers / self.pp)
 
+    # What a step's time takes from its number of tokens alone (one layer's projections and
+    # all-reduces, the stage hops; for decode also the micro-batch split and the LM head), by that
+    # number: the simulator asks about the same few hundred sizes millions of times.
+
+    @cached_property
+    def _prefill_parts(self) -> dict[int, tuple[float, float, float]]:
+        return {}
+
+    @cached_property
+    def _decode_parts(self) -> dict[int, tuple[int, float, float, float, float]]:
+        return {}
+
     # --- LatencyModel --------------------------------------------------------------------------
 
     def prefill_time(self, chunks: Sequence[tuple[int, int]]) -> float:
@@ -161,22 +174,34 @@ class Roofline:
         num_tokens = sum(new for new, _ in chunks)
         pairs = sum(new * (past + (new + 1) / 2) for new, past in chunks)
         kv = sum(past + new for new, past in chunks) * self._kv_bytes_per_token_layer
-        layer = self._layer_time(num_tokens, pairs * self._attn_flops_per_pair, kv)
+        parts = self._prefill_parts.get(num_tokens)
+        if parts is None:
+            parts = (self._projections(num_tokens), 2 * self._all_reduce(num_tokens), self._hops(num_tokens))
+            self._prefill_parts[num_tokens] = parts
+        projections, all_reduces, hops = parts
+        layer = projections + self._attention(pairs * self._attn_flops_per_pair, kv) + all_reduces
         layers = self.model.num_layers * layer
-        return self.step_overhead + layers + self._lm_head(len(chunks)) + self._hops(num_tokens)
+        return self.step_overhead + layers + self._lm_head(len(chunks)) + hops
 
     def decode_time(self, num_seqs: int, num_context: int) -> float:
         """One token for every sequence: `pp` micro-batches (as even as the batch allows), each
         through every stage, so each stage runs its layers once per micro-batch."""
         if num_seqs == 0:
             return self.step_overhead
-        groups = min(self.pp, num_seqs)
-        size, context = num_seqs / groups, num_context / groups
-        layer = self._layer_time(
-            size, context * self._attn_flops_per_pair, context * self._kv_bytes_per_token_layer
+        parts = self._decode_parts.get(num_seqs)
+        if parts is None:
+            groups = min(self.pp, num_seqs)
+            size = num_seqs / groups
+            parts = (groups, self._projections(size), 2 * self._all_reduce(size))
+            parts += (self._lm_head(num_seqs), self._hops(num_seqs))
+            self._decode_parts[num_seqs] = parts
+        groups, projections, all_reduces, lm_head, hops = parts
+        context = num_context / groups
+        attention = self._attention(
+            context * self._attn_flops_per_pair, context * self._kv_bytes_per_token_layer
         )
-        layers = groups * self._layers_per_stage * layer
-        return self.step_overhead + layers + self._lm_head(num_seqs) + self._hops(num_seqs)
+        layers = groups * self._layers_per_stage * (projections + attention + all_reduces)
+        return self.step_overhead + layers + lm_head + hops
 
     def slowdown(self, phase: str, other: str) -> float:
         """Instances on GPUs own their devices' memory: no slowdown from each other."""

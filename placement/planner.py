@@ -282,7 +282,7 @@ class Planner:
         stand_in = None
         if before is not None:
             latency = self.latency(before)
-            stand_in = functools.partial(_unloaded_prefill, latency, transfer)
+            stand_in = _UnloadedPrefill(latency, transfer)
         return SimCluster(decode=pool, prefill_stand_in=stand_in)
 
     def _max_rate(
@@ -510,6 +510,17 @@ def _decode_step(latency: LatencyModel, context: float, batch: int) -> float:
     return latency.decode_time(batch, int(batch * context))
 
 
-def _unloaded_prefill(latency: LatencyModel, transfer: TransferSpec, request: RequestSpec) -> float:
-    prefill = latency.prefill_time([(request.input_len, 0)])
-    return transfer.done_at(0.0, prefill, request.input_len)
+class _UnloadedPrefill:
+    """A prompt's prefill on an idle instance and its KV transfer: how long decode alone holds a
+    request's reservation. By prompt length, as the same lengths recur over every simulated rate."""
+
+    def __init__(self, latency: LatencyModel, transfer: TransferSpec) -> None:
+        self.latency, self.transfer = latency, transfer
+        self.seconds: dict[int, float] = {}
+
+    def __call__(self, request: RequestSpec) -> float:
+        seconds = self.seconds.get(request.input_len)
+        if seconds is None:
+            prefill = self.latency.prefill_time([(request.input_len, 0)])
+            seconds = self.seconds[request.input_len] = self.transfer.done_at(0.0, prefill, request.input_len)
+        return seconds

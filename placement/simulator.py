@@ -23,6 +23,8 @@ takes no time: the search measures one phase alone that way, as DistServe's Algo
 
 from __future__ import annotations
 
+import functools
+import gc
 import heapq
 import math
 from collections import deque
@@ -32,13 +34,19 @@ from dataclasses import dataclass, field
 from cluster.router import DecodeLoad, Overloaded, PrefillLoad, Router
 from engine.block_manager import blocks_needed
 from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence as EngineSequence
 from placement.latency import PHASES, LatencyModel
 from placement.workload import RequestSpec
 
-_PARAMS = SamplingParams(temperature=0.0, ignore_eos=True)  # lengths come from the workload
 _UNBOUNDED = 1 << 60
+
+
+@functools.cache
+def _params(output_len: int) -> SamplingParams:
+    """A request of `output_len` tokens as the engine sees it: it stops at max_tokens, never at
+    EOS (an output of 0 or 1 ends at the first token either way)."""
+    return SamplingParams(max_tokens=max(1, output_len), temperature=0.0, ignore_eos=True)
 
 
 @dataclass(frozen=True)
@@ -173,21 +181,35 @@ class _Instance:
         self.busy = False
         self.phase = ""  # while busy: "decode" (every chunk a decode) or "prefill" (any prompt work)
         self.requests: dict[str, _Request] = {}
+        self.pending_tokens = 0  # prompt tokens of `requests`, the Router's prefill load
 
-    @property
-    def pending_tokens(self) -> int:
-        return sum(r.spec.input_len for r in self.requests.values())
+    def add(self, request: _Request) -> None:
+        self.requests[request.seq_id] = request
+        self.pending_tokens += request.spec.input_len
 
-    def step_time(self, chunks: list[ScheduledChunk]) -> float:
+    def remove(self, seq_id: str) -> _Request | None:
+        request = self.requests.pop(seq_id, None)
+        if request is not None:
+            self.pending_tokens -= request.spec.input_len
+        return request
+
+    def step_time(self, plan: SchedulerOutput) -> float:
         latency = self.pool.latency
-        decodes = [c.seq.num_tokens for c in chunks if _is_decode(c)]
-        prefills = [(c.num_tokens, c.seq.num_computed_tokens) for c in chunks if not _is_decode(c)]
+        num_decodes = len(plan.decodes)
+        context = sum([len(seq.token_ids) for seq in plan.decodes])
+        prefills = []
+        for c in plan.prefills:  # a one-token prompt's chunk is a decode's work
+            if _is_decode(c):
+                num_decodes += 1
+                context += c.seq.num_tokens
+            else:
+                prefills.append((c.num_tokens, c.seq.num_computed_tokens))
         if not prefills:
-            return latency.decode_time(len(decodes), sum(decodes))
-        if not decodes:
+            return latency.decode_time(num_decodes, context)
+        if not num_decodes:
             return latency.prefill_time(prefills)
         # One mixed step: both passes' work, the fixed per-step cost once.
-        mixed = latency.decode_time(len(decodes), sum(decodes)) + latency.prefill_time(prefills)
+        mixed = latency.decode_time(num_decodes, context) + latency.prefill_time(prefills)
         return mixed - latency.decode_time(0, 0)
 
 
@@ -206,7 +228,16 @@ class Simulator:
         """Simulate `requests` to the end. With `slo` and `stop_below`, stop as soon as so many
         requests missed that the attainment target cannot be reached (the goodput search only
         needs to know that)."""
-        return _Run(self.cluster, requests, slo if stop_below else None, self.fast_forward).run()
+        # A run makes no reference cycles (it unlinks its own at the end), so the cyclic garbage
+        # collector has nothing to find in it, yet each of its passes would walk every live
+        # sequence's tokens: it is off for the run (a third of the search's time otherwise).
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return _Run(self.cluster, requests, slo if stop_below else None, self.fast_forward).run()
+        finally:
+            if collecting:
+                gc.enable()
 
 
 class _Run:
@@ -228,6 +259,9 @@ class _Run:
             _Request(spec, result, f"r{i}")
             for i, (spec, result) in enumerate(zip(requests, self.results, strict=True))
         ]
+        self.arrivals = sorted(self.requests, key=lambda r: r.spec.arrival)  # stable: ties keep order
+        self.arrival_times = [r.spec.arrival for r in self.arrivals]
+        self.next_arrival = 0  # index into `arrivals`
 
         def pool(role: str, spec: PoolSpec | None) -> list[_Instance]:
             n = 0 if spec is None else spec.instances
@@ -238,6 +272,12 @@ class _Run:
         self.colocated = pool("colocated", cluster.colocated)
         self.instances = self.prefills + self.decodes + self.colocated
         self.by_name = {i.name: i for i in self.instances}
+        # A pool left out is one instance the Router may always pick, with room that never runs out
+        # (reported once: what the Router counts against it never binds).
+        if not self.prefills:
+            self.router.report_prefill("-", PrefillLoad())
+        if not self.decodes:
+            self.router.report_decode("-", DecodeLoad(_UNBOUNDED, 1, 0, _UNBOUNDED))
         self.contention = len(self.instances) > 1 and any(
             i.pool.latency.slowdown(a, b) != 1.0 for i in self.instances for a in PHASES for b in PHASES
         )
@@ -249,14 +289,44 @@ class _Run:
         heapq.heappush(self.events, (time, self.counter, fn, args))
 
     def run(self) -> SimResult:
+        # Arrivals are merged in from their own sorted list rather than all pushed up front, which
+        # keeps the heap to the events in flight. They come before any other event at the same
+        # time, as their place at the head of the heap's order would have put them.
+        arrivals, times = self.arrivals, self.arrival_times
+        events = self.events
+        try:
+            while self.next_arrival < len(arrivals) or events:
+                i = self.next_arrival
+                if i < len(arrivals) and (not events or times[i] <= events[0][0]):
+                    self.next_arrival = i + 1
+                    self.now = times[i]
+                    self.arrive(arrivals[i])
+                else:
+                    self.now, _, fn, args = heapq.heappop(events)
+                    fn(*args)
+                if self.misses > self.allowed_misses:
+                    return SimResult(self.results, stopped_early=True)
+            return SimResult(self.results)
+        finally:
+            self._unlink()
+
+    def next_event(self) -> float:
+        """When the next event happens (an arrival or anything in the heap)."""
+        first = self.events[0][0] if self.events else math.inf
+        i = self.next_arrival
+        return min(first, self.arrival_times[i]) if i < len(self.arrival_times) else first
+
+    def _unlink(self) -> None:
+        """Break the run's reference cycles (events hold its bound methods, instances and requests
+        point at each other) so that its objects are freed as it returns. Left to the cyclic
+        garbage collector, every run's sequences and blocks would pile up between its full passes,
+        each of which then walks them all (a third of the search's time)."""
+        self.events.clear()
+        self.queue.clear()
+        for instance in self.instances:
+            instance.requests.clear()
         for request in self.requests:
-            self.at(request.spec.arrival, self.arrive, request)
-        while self.events:
-            self.now, _, fn, args = heapq.heappop(self.events)
-            fn(*args)
-            if self.misses > self.allowed_misses:
-                return SimResult(self.results, stopped_early=True)
-        return SimResult(self.results)
+            request.decode = None
 
     def miss(self, request: _Request) -> None:
         if not request.missed:
@@ -292,10 +362,6 @@ class _Run:
                     allocator.num_free_blocks, inst.pool.block_size, running, inst.pool.scheduler.max_num_seqs
                 ),
             )
-        if not self.prefills:
-            self.router.report_prefill("-", PrefillLoad())
-        if not self.decodes:
-            self.router.report_decode("-", DecodeLoad(_UNBOUNDED, 1, 0, _UNBOUNDED))
         spec = request.spec
         if spec.input_len + 1 > self._largest_decode_capacity():
             self.reject(request)
@@ -311,7 +377,7 @@ class _Run:
             request.reserved = allocator.allocate(
                 blocks_needed(spec.input_len, request.decode.pool.block_size)
             )
-            request.decode.requests[request.seq_id] = request
+            request.decode.add(request)
         prefill = self.by_name.get(route.prefill)
         if prefill is None:  # decode alone: the prompt's KV lands after the stand-in's time
             stand_in = self.cluster.prefill_stand_in
@@ -339,9 +405,11 @@ class _Run:
             self.release_decode(request)
             self.reject(request)
             return
-        seq = EngineSequence(request.seq_id, [0] * spec.input_len, spec.input_len, _PARAMS, self.now)
+        seq = EngineSequence(
+            request.seq_id, [0] * spec.input_len, spec.input_len, _params(spec.output_len), self.now
+        )
         request.seq = seq
-        instance.requests[request.seq_id] = request
+        instance.add(request)
         instance.scheduler.add(seq)
         self.kick(instance)
 
@@ -351,21 +419,21 @@ class _Run:
         plan = instance.scheduler.schedule()
         for seq in plan.out_of_memory:
             instance.scheduler.finish(seq, "error")
-            request = instance.requests.pop(seq.request_id)
+            request = instance.remove(seq.request_id)
             self.release_decode(request)
             self.reject(request)
-        if not plan.chunks:
+        if not plan.decodes and not plan.prefills:
             return  # nothing fits now; a free will kick it again
         instance.busy = True
         if self.contention:  # only `_slowdown` reads it; the search's runs skip the pass
-            instance.phase = "decode" if all(_is_decode(c) for c in plan.chunks) else "prefill"
-        if self.fast_forward and self._steady(instance, plan.chunks):
-            self._run_steady(instance, plan.chunks)
+            instance.phase = "decode" if all(_is_decode(c) for c in plan.prefills) else "prefill"
+        if self.fast_forward and self._steady(instance, plan):
+            self._run_steady(instance, plan.decodes)
             return
-        duration = instance.step_time(plan.chunks) * self._slowdown(instance)
+        duration = instance.step_time(plan) * self._slowdown(instance)
         pipelined = instance.role == "prefill" and instance.pool.latency.pp > 1
         free_at = self.now + (duration / instance.pool.latency.pp if pipelined else duration)
-        self.at(free_at, self.step_done, instance, plan.chunks, self.now, self.now + duration)
+        self.at(free_at, self.step_done, instance, plan, self.now, self.now + duration)
 
     def _slowdown(self, instance: _Instance) -> float:
         """The factor on a step `instance` starts now from the instances stepping beside it (the
@@ -376,83 +444,126 @@ class _Run:
         others = (i for i in self.instances if i.busy and i is not instance)
         return max((latency.slowdown(instance.phase, other.phase) for other in others), default=1.0)
 
-    def step_done(
-        self, instance: _Instance, chunks: list[ScheduledChunk], started: float, ended: float
-    ) -> None:
+    def step_done(self, instance: _Instance, plan: SchedulerOutput, started: float, ended: float) -> None:
         instance.busy = False
-        for chunk in chunks:
-            seq = chunk.seq
-            seq.num_computed_tokens += chunk.num_tokens
-            if seq.num_computed_tokens < seq.num_tokens:
-                continue  # a prefill chunk that is not the prompt's last
-            request = instance.requests[seq.request_id]
+        sampled = plan.decodes  # a decode always reaches the end of its tokens
+        for seq in sampled:
+            seq.num_computed_tokens += 1
+        if plan.prefills:
+            sampled = list(sampled)
+            for chunk in plan.prefills:
+                seq = chunk.seq
+                seq.num_computed_tokens += chunk.num_tokens
+                if seq.num_computed_tokens >= seq.num_tokens:  # a prompt's last chunk
+                    sampled.append(seq)
+        for seq in sampled:
             seq.token_ids.append(0)
-            if instance.role == "prefill":
-                self.prefilled(instance, request, started, ended)
-            else:
-                self.token(instance, request, ended)
+        requests = instance.requests
+        if instance.role == "prefill":
+            for seq in sampled:
+                self.prefilled(instance, requests[seq.request_id], started, ended)
+        else:
+            for seq in sampled:
+                num_output = len(seq.token_ids) - seq.num_prompt_tokens
+                if num_output == 1 or num_output >= seq.params.max_tokens:  # its first or last token
+                    self.token(instance, requests[seq.request_id], ended)
         self.kick(instance)
 
     # --- decode fast path -----------------------------------------------------------------------
     # A decode instance whose every running sequence decodes, with nobody waiting, repeats the
     # same schedule step after step until an event (an arrival, a KV landing) happens, a sequence
     # finishes, or blocks run out; the Scheduler would decide nothing else. Those steps are run in
-    # one event: same times, same tokens, same blocks (tests check it against stepping).
+    # one event: same times, same tokens, as many blocks (tests check it against stepping).
 
-    def _steady(self, instance: _Instance, chunks: list[ScheduledChunk]) -> bool:
+    def _steady(self, instance: _Instance, plan: SchedulerOutput) -> bool:
         scheduler = instance.scheduler
         return (
             instance.role == "decode"
             and not scheduler.waiting
-            and len(chunks) == len(scheduler.running)
-            and all(_is_decode(c) for c in chunks)
+            and not plan.prefills
+            and len(plan.decodes) == len(scheduler.running)
         )
 
-    def _run_steady(self, instance: _Instance, chunks: list[ScheduledChunk]) -> None:
-        seqs = [c.seq for c in chunks]
-        n, bs = len(seqs), instance.pool.block_size
-        context = sum(s.num_tokens for s in seqs)
-        steps_left = min(instance.requests[s.request_id].spec.output_len - s.num_output_tokens for s in seqs)
-        # Step k (k >= 1) needs a new block for each sequence whose length reaches b*bs + 1.
-        crossing = [0] * bs
-        for s in seqs:
-            crossing[s.num_tokens % bs] += 1
-        free = instance.scheduler.allocator.num_free_blocks
-        next_event = self.events[0][0] if self.events else math.inf
-        latency = instance.pool.latency
+    def _run_steady(self, instance: _Instance, seqs: list[EngineSequence]) -> None:
+        n, latency = len(seqs), instance.pool.latency
         factor = self._slowdown(instance)  # the others' state holds until the next event
-        end, k = self.now, 0
-        while k < steps_left and (k == 0 or end < next_event):
-            if k:
-                free -= crossing[(1 - k) % bs]
-                if free < 0:
-                    break
+        next_event = self.next_event()
+        context = sum([len(s.token_ids) for s in seqs])
+        end = self.now + latency.decode_time(n, context) * factor
+        k, ends = 1, None  # the step the Scheduler just planned; whether a sequence ends in it
+        if end < next_event:  # more steps may start before the next event
+            k, end, ends = self._more_steps(instance, seqs, context, end, next_event, factor)
+        self.at(end, self._steady_done, instance, seqs, k, ends)
+
+    def _more_steps(
+        self,
+        instance: _Instance,
+        seqs: list[EngineSequence],
+        context: int,
+        end: float,
+        next_event: float,
+        factor: float,
+    ) -> tuple[int, float, bool]:
+        """Steps 2, 3, ... of a steady run while they start before `next_event`, no sequence has
+        ended and the blocks last: how many steps in all, when the last ends, and whether some
+        sequence's last token is the last step's."""
+        n, bs, latency = len(seqs), instance.pool.block_size, instance.pool.latency
+        # The steps until the first sequence ends, and the sequences by their length's offset
+        # within a block: step k + 1 takes a new block for each whose length reaches b*bs + 1.
+        steps_left, by_offset = _UNBOUNDED, [[] for _ in range(bs)]
+        for s in seqs:
+            num_tokens = len(s.token_ids)
+            by_offset[num_tokens % bs].append(s)
+            left = s.params.max_tokens - (num_tokens - s.num_prompt_tokens)
+            if left < steps_left:
+                steps_left = left
+        allocator = instance.scheduler.allocator
+        free, k = allocator.num_free_blocks, 1
+        while k < steps_left and end < next_event:
+            free -= len(by_offset[(1 - k) % bs])
+            if free < 0:
+                break
             end += latency.decode_time(n, context + k * n) * factor
             k += 1
         # Every step but the last starts before the next event, so its blocks are taken now, as
-        # the Scheduler would take them at each step's start.
-        allocator = instance.scheduler.allocator
-        for seq in seqs:
-            extra = blocks_needed(seq.num_tokens + k - 1, bs) - len(seq.block_table)
-            if extra > 0:
-                seq.block_table.extend(allocator.allocate(extra))
-        self.at(end, self._steady_done, instance, seqs, k)
+        # the Scheduler would take them at each step's start (the first step's it took itself);
+        # only the sequences at the offsets steps 2..k reach can need one.
+        if k > 1:
+            growing = []
+            for offset in {(1 - j) % bs for j in range(1, min(k, bs + 1))}:
+                for seq in by_offset[offset]:
+                    extra = blocks_needed(len(seq.token_ids) + k - 1, bs) - len(seq.block_table)
+                    if extra > 0:
+                        growing.append((seq, extra))
+            blocks, taken = allocator.allocate(sum(extra for _, extra in growing)), 0
+            for seq, extra in growing:
+                seq.block_table.extend(blocks[taken : taken + extra])
+                taken += extra
+        return k, end, k >= steps_left
 
-    def _steady_done(self, instance: _Instance, seqs: list[EngineSequence], k: int) -> None:
+    def _steady_done(
+        self, instance: _Instance, seqs: list[EngineSequence], k: int, ends: bool | None
+    ) -> None:
+        """`ends`: whether a sequence's last token is this step's (None: not known yet)."""
         instance.busy = False
-        for seq in seqs:
-            seq.num_computed_tokens += k
-            seq.token_ids.extend([0] * k)
-        for seq in seqs:  # only those whose last token this was have anything to do
-            request = instance.requests[seq.request_id]
-            if seq.num_output_tokens >= request.spec.output_len:
-                self.token(instance, request, self.now)
+        if k == 1:
+            for seq in seqs:
+                seq.num_computed_tokens += 1
+                seq.token_ids.append(0)
+        else:
+            tokens = [0] * k
+            for seq in seqs:
+                seq.num_computed_tokens += k
+                seq.token_ids.extend(tokens)
+        if ends is not False:  # only those whose last token this was have anything to do
+            for seq in [s for s in seqs if len(s.token_ids) - s.num_prompt_tokens >= s.params.max_tokens]:
+                self.token(instance, instance.requests[seq.request_id], self.now)
         self.kick(instance)
 
     def prefilled(self, instance: _Instance, request: _Request, started: float, ended: float) -> None:
         seq = request.seq
         blocks = instance.scheduler.hand_off(seq)
-        del instance.requests[seq.request_id]
+        instance.remove(seq.request_id)
         if request.spec.output_len <= 1:  # its first token is its last: no KV moves
             instance.scheduler.allocator.free(blocks)
             self.release_decode(request)
@@ -475,7 +586,9 @@ class _Run:
         spec, decode = request.spec, request.decode
         if not math.isfinite(request.result.first_token):
             self.first_token(request, self.now)
-        seq = EngineSequence(request.seq_id, [0] * spec.input_len, spec.input_len, _PARAMS, self.now)
+        seq = EngineSequence(
+            request.seq_id, [0] * spec.input_len, spec.input_len, _params(spec.output_len), self.now
+        )
         seq.block_table, request.reserved = request.reserved, []
         seq.num_computed_tokens = spec.input_len
         seq.token_ids.append(0)  # the first token, sampled by prefill
@@ -489,7 +602,7 @@ class _Run:
             self.first_token(request, when)  # colocated: its prefill just ended
         if seq.num_output_tokens >= request.spec.output_len:
             instance.scheduler.finish(seq, "length")
-            del instance.requests[seq.request_id]
+            instance.remove(seq.request_id)
             self.finish(request, when)
             if instance.role == "decode":
                 self.admit_queued()
@@ -512,5 +625,5 @@ class _Run:
         if request.reserved:
             decode.scheduler.allocator.free(request.reserved)
             request.reserved = []
-        decode.requests.pop(request.seq_id, None)
+        decode.remove(request.seq_id)
         self.admit_queued()

@@ -250,7 +250,7 @@ def at_rate(requests: list[RequestSpec], rate: float) -> list[RequestSpec]:
     if math.isinf(current):
         raise PlacementError("cannot rescale requests that all arrive at t = 0")
     scale = current / rate
-    return [replace(r, arrival=r.arrival * scale) for r in requests]
+    return [RequestSpec(r.arrival * scale, r.input_len, r.output_len) for r in requests]
 
 
 def trace_statistics(requests: list[RequestSpec]) -> dict[str, float]:

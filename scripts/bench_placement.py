@@ -2,10 +2,12 @@
 4-node x 8-GPU H100 cluster, and the plans it makes for DistServe's three applications.
 
     .venv/bin/python scripts/bench_placement.py
+    .venv/bin/python scripts/bench_placement.py --search-only --applications summarization  # to profile
 """
 
 from __future__ import annotations
 
+import argparse
 import random
 import statistics
 import time
@@ -36,8 +38,9 @@ def md1() -> None:
         print(f"| {load} | {simulated * 1e3:.1f} | {theory * 1e3:.1f} | {simulated / theory - 1:+.1%} |")
 
 
-def plans() -> None:
-    for workload, (ttft, tpot) in APPLICATIONS.items():
+def plans(applications: list[str]) -> None:
+    for workload in applications:
+        ttft, tpot = APPLICATIONS[workload]
         config = config_from_dict(
             {
                 "model": {"name": "dummy:llama-3.1-8b", "device": "cuda"},
@@ -63,5 +66,20 @@ def plans() -> None:
 
 
 if __name__ == "__main__":
-    md1()
-    plans()
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--search-only", action="store_true", help="skip the M/D/1 check")
+    parser.add_argument(
+        "--applications",
+        default=",".join(APPLICATIONS),
+        help=f"comma-separated, of {', '.join(APPLICATIONS)} (default: all)",
+    )
+    args = parser.parse_args()
+    chosen = args.applications.split(",")
+    unknown = sorted(set(chosen) - set(APPLICATIONS))
+    if unknown:
+        parser.error(f"unknown application(s) {', '.join(unknown)}; choose from {', '.join(APPLICATIONS)}")
+    if not args.search_only:
+        md1()
+    plans(chosen)

@@ -3,6 +3,7 @@ memory limit and the Router's back-pressure, and the decode fast path equal to s
 
 from __future__ import annotations
 
+import gc
 import random
 import statistics
 from dataclasses import dataclass
@@ -44,17 +45,22 @@ def test_one_prefill_instance_reproduces_the_md1_mean_ttft(load):
     assert simulated == pytest.approx(md1, rel=0.05)
 
 
-def pools(decode_blocks: int) -> SimCluster:
-    prefill = PoolSpec(1, H100, SchedulerConfig(256, 2048, 512), num_blocks=20000)
-    decode = PoolSpec(1, H100, SchedulerConfig(64, 256), num_blocks=decode_blocks)
+def pools(decode_blocks: int, block_size: int = 16) -> SimCluster:
+    prefill_blocks = 20000 * 16 // block_size
+    prefill = PoolSpec(1, H100, SchedulerConfig(256, 2048, 512), prefill_blocks, block_size)
+    decode = PoolSpec(1, H100, SchedulerConfig(64, 256), decode_blocks, block_size)
     return SimCluster(prefill=prefill, decode=decode, transfer=TransferSpec(131072, 25e9, 1e-5, True, 32))
 
 
-@pytest.mark.parametrize("decode_blocks", [20000, 300])
-def test_the_decode_fast_path_gives_exactly_what_stepping_gives(decode_blocks):
-    requests = poisson_requests(workload_preset("chatbot"), 30.0, 300, seed=3, max_total_len=4096)
-    stepped = Simulator(pools(decode_blocks), fast_forward=False).run(requests)
-    fast = Simulator(pools(decode_blocks)).run(requests)
+# Small blocks and a light load make fast-forwarded runs longer than a block (several new blocks
+# per sequence in one event); the tight caches make them stop where blocks run out.
+@pytest.mark.parametrize(
+    "decode_blocks,block_size,rate", [(20000, 16, 30.0), (300, 16, 30.0), (4000, 1, 5.0), (1200, 4, 5.0)]
+)
+def test_the_decode_fast_path_gives_exactly_what_stepping_gives(decode_blocks, block_size, rate):
+    requests = poisson_requests(workload_preset("chatbot"), rate, 300, seed=3, max_total_len=4096)
+    stepped = Simulator(pools(decode_blocks, block_size), fast_forward=False).run(requests)
+    fast = Simulator(pools(decode_blocks, block_size)).run(requests)
     assert [(r.first_token, r.last_token) for r in fast.requests] == [
         (r.first_token, r.last_token) for r in stepped.requests
     ]
@@ -99,6 +105,18 @@ def test_a_slower_link_and_whole_prompt_transfer_delay_the_first_token():
     # 2,000 tokens x 128 KiB over 1 GB/s is about 0.26 s; layer-wise hides the part prefill overlaps.
     assert fast < slow < slow_whole
     assert slow_whole - fast == pytest.approx(2000 * per_token / 1e9, rel=0.05)
+
+
+@pytest.mark.parametrize("stop_below", [False, True])
+def test_a_run_leaves_no_reference_cycles_behind(stop_below):
+    """The simulator turns the cyclic garbage collector off while it runs (its passes would walk
+    every live sequence's tokens); that is only sound while a run frees all it made on return."""
+    requests = poisson_requests(workload_preset("chatbot"), 200.0, 400, seed=1, max_total_len=4096)
+    gc.collect()
+    result = Simulator(pools(300)).run(requests, SLO(0.05, 0.02, 0.9), stop_below=stop_below)
+    assert result.stopped_early == stop_below
+    assert gc.collect() == 0
+    assert gc.isenabled()
 
 
 def test_early_stop_only_when_the_target_is_out_of_reach():
