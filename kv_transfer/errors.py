@@ -109,3 +109,12 @@ def error_to_wire(exc: BaseException) -> tuple[str, str]:
 def error_from_wire(name: str, message: str) -> TransferError:
     """The TransferError a peer reported, rebuilt with its own class (TransferError if unknown)."""
     return _BY_NAME.get(name, TransferError)(message)
+
+
+def as_transfer_error(exc: BaseException) -> TransferError:
+    """An error from another process (a rank's service), as the TransferError a worker reports."""
+    if isinstance(exc, TransferError):
+        return exc
+    if isinstance(exc, TimeoutError):
+        return TransferTimeoutError(str(exc))
+    return error_from_wire(*error_to_wire(exc))

@@ -18,11 +18,9 @@ complete when every prefill rank that holds a piece of it has ended.
 from __future__ import annotations
 
 from concurrent.futures import Future
-from concurrent.futures import wait as wait_all
 
-from engine.parallel.rank_service import RankServices
-from kv_transfer.errors import ReservationError, TransferError
-from kv_transfer.instance_sender import _as_transfer_error
+from engine.parallel.rank_service import RankServices, first_failure
+from kv_transfer.errors import ReservationError, TransferError, as_transfer_error
 from kv_transfer.receiver import KVReceiver, ReceiveState, TransferOutcome
 
 CALL_TIMEOUT_S = 30.0  # for the other ranks to answer one call (they answer in milliseconds)
@@ -36,14 +34,6 @@ class InstanceReceiver:
         self.receiver = receiver
         self.sources = sources
         self.services = services
-
-    @property
-    def allocator(self):
-        return self.receiver.allocator
-
-    @property
-    def timeout(self) -> float:
-        return self.receiver.timeout
 
     def reserve(self, request_id: str, num_tokens: int, timeout: float | None = None) -> list[int]:
         blocks = self.receiver.reserve(request_id, num_tokens, timeout, self.sources)
@@ -98,10 +88,5 @@ class InstanceReceiver:
         return self.receiver.num_reserved_blocks
 
     def _first_error(self, calls: dict[int, Future]) -> TransferError | None:
-        done, pending = wait_all(calls.values(), timeout=CALL_TIMEOUT_S)
-        for rank, future in calls.items():
-            if future in pending:
-                return TransferError(f"rank {rank} did not answer within {CALL_TIMEOUT_S:g} s")
-            if future.exception() is not None:
-                return _as_transfer_error(future.exception())
-        return None
+        failure = first_failure(calls, CALL_TIMEOUT_S)
+        return None if failure is None else as_transfer_error(failure)

@@ -23,13 +23,12 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
-from concurrent.futures import wait as wait_all
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockAllocator
-from engine.parallel.rank_service import RankServices
+from engine.parallel.rank_service import RankServices, first_failure
 from kv_transfer.connections import ConnectionPool
-from kv_transfer.errors import TransferError, TransferTimeoutError, error_from_wire, error_to_wire
+from kv_transfer.errors import TransferError, as_transfer_error
 from kv_transfer.rank_kv import routes_for
 from kv_transfer.resharding import KVDestination, ShardLayout
 from kv_transfer.sender import KVSender, SendState
@@ -80,13 +79,9 @@ class InstanceSender:
         destination, so its forward can send its part layer by layer."""
         if self.services is None or not self.layerwise:
             return
-        calls = self.services.call_all("prepare", request_id, destination)
-        done, pending = wait_all(calls.values(), timeout=REMOTE_GRACE_S)
-        for future in done:
-            if future.exception() is not None:
-                raise _as_transfer_error(future.exception())
-        if pending:
-            raise TransferTimeoutError(f"the other ranks did not take {request_id!r}'s destination in time")
+        failure = first_failure(self.services.call_all("prepare", request_id, destination), REMOTE_GRACE_S)
+        if failure is not None:
+            raise as_transfer_error(failure)
 
     @property
     def num_held_blocks(self) -> int:
@@ -122,8 +117,10 @@ class InstanceSender:
         if t is None:
             self.sender.finish(request_id)  # raises why it is not in progress
             return
+        sends = {}
         if self.services is not None:  # the step that computed the KV has ended on every rank
-            self._watch(request_id, self.services.call_all("send", request_id, t.blocks, t.destination))
+            sends = self.services.call_all("send", request_id, t.blocks, t.destination)
+            self._watch(request_id, sends)
         try:
             self.sender.finish(request_id)
         except BaseException:
@@ -131,16 +128,9 @@ class InstanceSender:
             raise
         finally:
             self._own_done(request_id)  # the blocks go once the other ranks have answered too
-        if t.remote:
-            done, pending = wait_all(t.remote, timeout=self.sender.lease_seconds + REMOTE_GRACE_S)
-            if pending:
-                raise TransferTimeoutError(
-                    f"the other ranks of this prefill instance did not finish sending {request_id!r} "
-                    f"within the {self.sender.lease_seconds:g} s lease"
-                )
-            for future in t.remote:
-                if future.exception() is not None:
-                    raise _as_transfer_error(future.exception())
+        failure = first_failure(sends, self.sender.lease_seconds + REMOTE_GRACE_S) if sends else None
+        if failure is not None:
+            raise as_transfer_error(failure)
 
     def abort(self, request_id: str, reason: str = "aborted by the prefill side") -> None:
         """Every rank drops the transfer; the blocks are freed once they all have. Unknown ids are ignored."""
@@ -194,10 +184,3 @@ class InstanceSender:
                 return
             del self._transfers[request_id]
         self.allocator.free(t.blocks)
-
-
-def _as_transfer_error(exc: BaseException) -> TransferError:
-    """An error another rank raised, as the TransferError the worker reports."""
-    if isinstance(exc, TransferError):
-        return exc
-    return error_from_wire(*error_to_wire(exc))

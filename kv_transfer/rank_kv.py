@@ -38,8 +38,6 @@ from kv_transfer.receiver import KVReceiver
 from kv_transfer.resharding import KVDestination, ShardLayout, pieces_for, pieces_from, reshard_plan
 from kv_transfer.sender import KVSender, Route, SendState
 
-PARALLEL_KINDS = ("shm", "grpc")  # what ranks of a parallel instance can serve and reach
-
 
 def rank_layout(model: ModelConfig, cache: torch.Tensor, shard: ShardLayout, rank: int) -> KVLayout:
     """The KV layout of rank `rank`'s cache in an instance laid out as `shard`."""

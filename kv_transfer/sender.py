@@ -298,56 +298,61 @@ class KVSender:
             connection.release_buffer(raw)
             raise
         alg = StreamingChecksum.alg if streaming else checksum_alg_for(payload)
-        header = FrameHeader(
-            version=FORMAT_VERSION,
-            request_id=t.request_id,
-            fingerprint=self.layout.fingerprint,
-            layers=(a + self.layout.layers[0], b + self.layout.layers[0]),
-            heads=(heads.start, heads.stop),
+        self._post(
+            t,
+            r,
+            (a, b),
+            payload,
             block_ids=tuple(t.block_ids[first : first + count]),
             first_block=first,
-            block_size=self.layout.block_size,
-            num_kv_heads=self.layout.num_kv_heads,
-            head_dim=self.layout.head_dim,
-            dtype=self.layout.dtype,
             codec=self.codec.name,
             scale_layout=self.codec.scale_layout,
             lossless=self.codec.lossless,
             raw_len=raw_len,
-            payload_len=payload.numel(),
             checksum=streaming.intdigest() if streaming else payload_checksum(payload, alg),
             checksum_alg=alg,
         )
-        connection.send(Frame(header.encode(), payload))
-        r.num_frames += 1
 
     def _send_reference(self, t: OutgoingTransfer, r: _RouteState, a: int, b: int) -> None:
         """One frame naming this cache's layers [a, b) where they lie, for a receiver that maps the
         cache (the one-copy path): it copies the request's blocks out itself."""
         payload = self.cache[a:b].reshape(-1).view(torch.uint8)
-        first_layer, heads = self.layout.layers[0], r.route.heads
-        header = FrameHeader(
-            version=FORMAT_VERSION,
-            request_id=t.request_id,
-            fingerprint=self.layout.fingerprint,
-            layers=(a + first_layer, b + first_layer),
-            heads=(heads.start, heads.stop),
+        self._post(
+            t,
+            r,
+            (a, b),
+            payload,
             block_ids=tuple(t.block_ids),
             first_block=0,
-            block_size=self.layout.block_size,
-            num_kv_heads=self.layout.num_kv_heads,
-            head_dim=self.layout.head_dim,
-            dtype=self.layout.dtype,
             codec="none",
             scale_layout="",
             lossless="",
             raw_len=payload.numel(),
-            payload_len=payload.numel(),
             checksum=0,
             checksum_alg="none",
             by_reference=True,
             src_blocks=self.cache.shape[2],
             src_heads=self.layout.heads,
+        )
+
+    def _post(
+        self, t: OutgoingTransfer, r: _RouteState, layers: tuple[int, int], payload: torch.Tensor, **fields
+    ) -> None:
+        """Send `payload` as a frame of this cache's `layers` along route `r`; `fields` are the
+        header's codec, block and checksum fields."""
+        first_layer, heads = self.layout.layers[0], r.route.heads
+        header = FrameHeader(
+            version=FORMAT_VERSION,
+            request_id=t.request_id,
+            fingerprint=self.layout.fingerprint,
+            layers=(layers[0] + first_layer, layers[1] + first_layer),
+            heads=(heads.start, heads.stop),
+            block_size=self.layout.block_size,
+            num_kv_heads=self.layout.num_kv_heads,
+            head_dim=self.layout.head_dim,
+            dtype=self.layout.dtype,
+            payload_len=payload.numel(),
+            **fields,
         )
         r.route.connection.send(Frame(header.encode(), payload))
         r.num_frames += 1

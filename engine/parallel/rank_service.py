@@ -24,7 +24,7 @@ import logging
 import pickle
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from multiprocessing.connection import Connection
 from typing import TYPE_CHECKING, Any
 
@@ -98,6 +98,18 @@ def serve_rank(
         close = getattr(handler, "close", None)
         if close is not None:
             close()
+
+
+def first_failure(calls: dict[int, Future], timeout: float) -> BaseException | None:
+    """The first error among `call_all`'s answers, by rank (a TimeoutError for a rank that has not
+    answered within `timeout`); None when every rank succeeded."""
+    _, pending = wait(calls.values(), timeout=timeout)
+    for rank, future in calls.items():
+        if future in pending:
+            return TimeoutError(f"rank {rank} did not answer within {timeout:g} s")
+        if future.exception() is not None:
+            return future.exception()
+    return None
 
 
 class RankServices:

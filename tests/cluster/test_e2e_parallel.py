@@ -41,7 +41,7 @@ def stub(staged):
     channel.close()
 
 
-def _rank_pids(instance) -> list[int]:
+def rank_pids(instance) -> list[int]:
     """The pids of the instance engine's ranks beyond rank 0 (processes the actor spawned)."""
 
     def pids(actor) -> list[int]:
@@ -57,18 +57,18 @@ def test_pipelined_replicas_give_the_offline_engines_greedy_tokens(staged, stub,
         ids, text, final = grpc_generate(stub, prompt, 16)
         assert ids == want.token_ids and text == want.text and final.finish_reason == "length"
     for instance in staged.controller.instances.values():
-        assert len(_rank_pids(instance)) == 1  # two stages: the actor and one spawned process
+        assert len(rank_pids(instance)) == 1  # two stages: the actor and one spawned process
 
 
 def test_a_dead_stage_fails_its_instance_and_the_streams_replay_elsewhere(staged, stub, embedded_llm):
     killed: list[int] = []
 
     def kill_a_stage(instance) -> None:
-        (pid,) = _rank_pids(instance)
+        (pid,) = rank_pids(instance)
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
 
     kill_mid_stream(staged, stub, embedded_llm, "colocated-0", kill=kill_a_stage)
     victim = staged.controller.instances["colocated-0"]
-    assert _rank_pids(victim) != killed  # restarted as a whole: a new second stage
+    assert rank_pids(victim) != killed  # restarted as a whole: a new second stage
     assert not any(wait_idle(staged).values())

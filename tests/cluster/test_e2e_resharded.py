@@ -16,6 +16,7 @@ import grpc
 import pytest
 import ray
 from test_e2e import AUTH, PROMPTS, grpc_generate, kill_mid_stream, pb_grpc, serving, wait_idle
+from test_e2e_parallel import rank_pids
 
 from cluster.config import config_from_dict
 from engine.sampling_params import SamplingParams
@@ -56,13 +57,6 @@ def stub(resharded):
     channel.close()
 
 
-def _rank_pids(instance) -> list[int]:
-    def pids(actor) -> list[int]:
-        return [p.pid for p in actor.worker.engine.ranks.processes]
-
-    return ray.get(instance.handle.__ray_call__.remote(pids))
-
-
 def _rank_kind(instance) -> str:
     """What runs the instance's second rank: a Ray actor in its own bundle of the placement group."""
 
@@ -79,7 +73,7 @@ def test_resharded_pools_give_the_offline_engines_greedy_tokens(resharded, stub,
         ids, text, final = grpc_generate(stub, prompt, 16)
         assert ids == want.token_ids and text == want.text and final.finish_reason == "length"
     for instance in resharded.controller.instances.values():
-        assert len(_rank_pids(instance)) == 1 and _rank_kind(instance) == "RayRankHandle"
+        assert len(rank_pids(instance)) == 1 and _rank_kind(instance) == "RayRankHandle"
         assert len(instance.info.nodes) == 2  # every rank's node: shm only when all share one
         if instance.role == "decode":
             for _, addresses in instance.info.endpoints:
@@ -91,10 +85,10 @@ def test_a_dead_decode_rank_fails_its_instance_and_the_streams_replay(resharded,
     killed: list[int] = []
 
     def kill_a_stage(instance) -> None:
-        (pid,) = _rank_pids(instance)
+        (pid,) = rank_pids(instance)
         os.kill(pid, signal.SIGKILL)
         killed.append(pid)
 
     kill_mid_stream(resharded, stub, embedded_llm, "decode-0", kill=kill_a_stage)
-    assert _rank_pids(resharded.controller.instances["decode-0"]) != killed  # a new second rank
+    assert rank_pids(resharded.controller.instances["decode-0"]) != killed  # a new second rank
     assert not any(wait_idle(resharded).values())
