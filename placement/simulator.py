@@ -181,17 +181,32 @@ class _Instance:
         self.busy = False
         self.phase = ""  # while busy: "decode" (every chunk a decode) or "prefill" (any prompt work)
         self.requests: dict[str, _Request] = {}
-        self.pending_tokens = 0  # prompt tokens of `requests`, the Router's prefill load
+        self.pending_tokens = 0  # prompt tokens still to prefill here, the Router's view of the load
+        self._unprefilled: dict[str, int] = {}  # seq id -> its share of pending_tokens
 
-    def add(self, request: _Request) -> None:
+    def add(self, request: _Request, prefills_here: bool = True) -> None:
         self.requests[request.seq_id] = request
-        self.pending_tokens += request.spec.input_len
+        if prefills_here:
+            self._unprefilled[request.seq_id] = request.spec.input_len
+            self.pending_tokens += request.spec.input_len
+
+    def prompt_done(self, seq_id: str) -> None:
+        """The sequence's prompt is prefilled (or it left): it no longer counts as pending."""
+        self.pending_tokens -= self._unprefilled.pop(seq_id, 0)
 
     def remove(self, seq_id: str) -> _Request | None:
-        request = self.requests.pop(seq_id, None)
-        if request is not None:
-            self.pending_tokens -= request.spec.input_len
-        return request
+        self.prompt_done(seq_id)
+        return self.requests.pop(seq_id, None)
+
+    def load(self) -> DecodeLoad:
+        """What a decode instance or colocated replica reports to the Router (decode_worker's load)."""
+        return DecodeLoad(
+            free_blocks=self.scheduler.allocator.num_free_blocks,
+            block_size=self.pool.block_size,
+            running=len(self.requests),
+            max_batch=self.pool.scheduler.max_num_seqs,
+            pending_tokens=self.pending_tokens,
+        )
 
     def step_time(self, plan: SchedulerOutput) -> float:
         latency = self.pool.latency
@@ -340,10 +355,7 @@ class _Run:
     # --- admission ----------------------------------------------------------------------------
 
     def arrive(self, request: _Request) -> None:
-        if self.colocated:
-            target = min(self.colocated, key=lambda i: (i.pending_tokens, len(i.scheduler.running), i.name))
-            self.at(self.now + self.cluster.dispatch_delay, self.begin, target, request)
-        elif self.queue or not self.admit(request):
+        if self.queue or not self.admit(request):
             if len(self.queue) >= self.cluster.max_queue:
                 self.reject(request)
             else:
@@ -354,16 +366,11 @@ class _Run:
         for inst in self.prefills:
             self.router.report_prefill(inst.name, PrefillLoad(inst.pending_tokens, len(inst.requests)))
         for inst in self.decodes:
-            allocator = inst.scheduler.allocator
-            running = len(inst.requests)
-            self.router.report_decode(
-                inst.name,
-                DecodeLoad(
-                    allocator.num_free_blocks, inst.pool.block_size, running, inst.pool.scheduler.max_num_seqs
-                ),
-            )
+            self.router.report_decode(inst.name, inst.load())
+        for inst in self.colocated:
+            self.router.report_colocated(inst.name, inst.load())
         spec = request.spec
-        if spec.input_len + 1 > self._largest_decode_capacity():
+        if spec.input_len + 1 > self._largest_capacity():
             self.reject(request)
             return True
         try:
@@ -371,26 +378,37 @@ class _Run:
         except Overloaded:
             return False
         self.router.waiting = 0  # the simulator keeps its own queue
+        if route.decode == route.prefill:  # a colocated replica: its own scheduler holds the KV
+            self.dispatch(self.by_name[route.prefill], request)
+            return True
         request.decode = self.by_name.get(route.decode)
         if request.decode is not None:
             allocator = request.decode.scheduler.allocator
             request.reserved = allocator.allocate(
                 blocks_needed(spec.input_len, request.decode.pool.block_size)
             )
-            request.decode.add(request)
+            request.decode.add(request, prefills_here=False)
         prefill = self.by_name.get(route.prefill)
         if prefill is None:  # decode alone: the prompt's KV lands after the stand-in's time
             stand_in = self.cluster.prefill_stand_in
             delay = 0.0 if stand_in is None else stand_in(spec)
             self.at(self.now + delay, self.start_decode, request)
         else:
-            self.at(self.now + self.cluster.dispatch_delay, self.begin, prefill, request)
+            self.dispatch(prefill, request)
         return True
 
-    def _largest_decode_capacity(self) -> float:
-        if not self.decodes:
+    def dispatch(self, instance: _Instance, request: _Request) -> None:
+        """Send a routed request to the instance that prefills it. It counts in that instance's load
+        from now on, as the real Router counts what it sent until the instance's next report."""
+        instance.add(request)
+        self.at(self.now + self.cluster.dispatch_delay, self.begin, instance, request)
+
+    def _largest_capacity(self) -> float:
+        """The most tokens of KV one instance that keeps the KV (decode or colocated) can hold."""
+        keepers = self.decodes or self.colocated
+        if not keepers:
             return math.inf
-        pool = self.decodes[0].pool
+        pool = keepers[0].pool
         return pool.num_blocks * pool.block_size
 
     def admit_queued(self) -> None:
@@ -402,6 +420,7 @@ class _Run:
     def begin(self, instance: _Instance, request: _Request) -> None:
         spec = request.spec
         if spec.input_len + 1 > instance.scheduler.capacity_tokens:
+            instance.remove(request.seq_id)
             self.release_decode(request)
             self.reject(request)
             return
@@ -409,7 +428,6 @@ class _Run:
             request.seq_id, [0] * spec.input_len, spec.input_len, _params(spec.output_len), self.now
         )
         request.seq = seq
-        instance.add(request)
         instance.scheduler.add(seq)
         self.kick(instance)
 
@@ -600,11 +618,12 @@ class _Run:
         seq = request.seq
         if not math.isfinite(request.result.first_token):
             self.first_token(request, when)  # colocated: its prefill just ended
+            instance.prompt_done(seq.request_id)
         if seq.num_output_tokens >= request.spec.output_len:
             instance.scheduler.finish(seq, "length")
             instance.remove(seq.request_id)
             self.finish(request, when)
-            if instance.role == "decode":
+            if instance.role != "prefill":  # its KV room is free again
                 self.admit_queued()
 
     def first_token(self, request: _Request, when: float) -> None:

@@ -153,3 +153,19 @@ def test_steps_beside_a_busy_instance_take_the_latency_models_slowdown():
     # a request with the other replica idle steps at full speed
     (lone,) = Simulator(colocated(Contending(0.01))).run([RequestSpec(0.0, 20, 11)]).requests
     assert (lone.ttft, lone.tpot) == (pytest.approx(0.01), pytest.approx(0.01))
+
+
+def test_colocated_replicas_are_routed_by_the_router_on_their_reported_load():
+    """The Router sees a replica's prompts still to prefill as its pending load and refuses one
+    whose batch is full; a prefilled long prompt is one running request, not pending work."""
+    pool = PoolSpec(2, FixedLatency(0.01), SchedulerConfig(2, 256, 256), num_blocks=1000)
+    cluster = SimCluster(colocated=pool, dispatch_delay=0.0, start_delay=0.0)
+    requests = [
+        RequestSpec(0.0, 1000, 500),  # A: replica 0 (a tie, broken by name)
+        RequestSpec(0.001, 20, 500),  # B: replica 1 (replica 0 has A's 1,000 tokens to prefill)
+        RequestSpec(0.002, 20, 500),  # C: replica 1 (fewer tokens pending); its batch is now full
+        RequestSpec(1.0, 20, 10),  # D: both prefilled everything; replica 0 runs one request
+    ]
+    a, b, c, d = Simulator(cluster).run(requests).requests
+    assert d.ttft == pytest.approx(0.01)  # prefilled in replica 0's next step, beside A's decode
+    assert max(b.ttft, c.ttft) < 0.05 and a.ttft == pytest.approx(0.04)  # A: four 256-token chunks
