@@ -174,10 +174,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     """Measure the engine's step times on this machine and fit the latency model."""
     from cluster.config import load_config
-    from placement.profiler import profile_engine
+    from placement.profiler import DEFAULT_REPEATS, profile_engine
 
     config = load_config(args.config)
-    profile = profile_engine(config, hardware=args.hardware or config.placement.gpu, repeats=args.repeats)
+    repeats = DEFAULT_REPEATS if args.repeats is None else args.repeats
+    profile = profile_engine(config, hardware=args.hardware or config.placement.gpu, repeats=repeats)
     profile.save(args.out)
     print(f"prefill: {profile.prefill}\ndecode:  {profile.decode}\nfit error: {profile.fit_error}")
     print(f"profile written to {args.out} (use it with placement.profile: {args.out})", file=sys.stderr)
@@ -271,7 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     prof.add_argument("--config", required=True, help="the deployment YAML (model, batching)")
     prof.add_argument("--out", default="profile.json", help="the profile to write (default: profile.json)")
     prof.add_argument("--hardware", default=None, help="the name it is for (default: placement.gpu)")
-    prof.add_argument("--repeats", type=int, default=3, help="timings per shape (the median is kept)")
+    prof.add_argument(
+        "--repeats",
+        type=int,
+        help="timings per shape, taken in passes over the grid; the median is kept (default: 5)",
+    )
     prof.set_defaults(func=cmd_profile)
     bench = sub.add_parser(
         "bench", help="drive a running cluster with a workload; SLO attainment and goodput"

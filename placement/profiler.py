@@ -7,7 +7,9 @@ the placement optimizer uses a profile instead of its roofline model when one is
 `past` is the tokens of that sequence already in the KV cache (0 for an unchunked prompt), so the
 last term is proportional to a chunk's causal attention work; `ctx` counts a decoding sequence's
 tokens in the cache including the new one. Times are seconds of one engine step (schedule,
-forward, sample): what a worker's loop times around `engine.step()`. Each form is fitted by least
+forward, sample): what a worker's loop times around `engine.step()`, the median of `repeats`
+timings per shape taken in passes over the whole grid (so a burst of other work on a shared
+machine spoils one timing of many shapes, not every timing of one). Each form is fitted by least
 relative error with non-negative coefficients.
 
 A profile file is JSON::
@@ -50,7 +52,7 @@ import os
 import random
 import statistics
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -70,6 +72,7 @@ if TYPE_CHECKING:
 
 FORMAT = 1
 START_TIMEOUT_S = 600.0  # for the co-running engine to load
+DEFAULT_REPEATS = 5  # timings per shape; the median is kept
 DEFAULT_PREFILL_BATCHES = (1, 2, 4)
 DEFAULT_DECODE_BATCHES = (1, 4, 16, 64)
 DEFAULT_DECODE_CONTEXTS = (128, 512, 1024)
@@ -489,7 +492,7 @@ def measure(
     prefill_chunked: Sequence[tuple[int, int]] | None = None,
     decode_batches: Sequence[int] | None = None,
     decode_contexts: Sequence[int] | None = None,
-    repeats: int = 3,
+    repeats: int = DEFAULT_REPEATS,
     progress: bool = True,
     contention: bool = True,
 ) -> dict:
@@ -530,22 +533,21 @@ def measure(
         )
     samples: dict[str, Any] = {"prefill": [], "decode": []}
     previous_threads = torch.get_num_threads()
+    steps = shapes * repeats
     try:
-        with tqdm(total=shapes, desc=f"profiling {base.model}", unit="shape", disable=not progress) as bar:
+        with tqdm(total=steps, desc=f"profiling {base.model}", unit="step", disable=not progress) as bar:
             torch.set_num_threads(threads["prefill"])
             for _ in range(2):
                 bench.prefill(*warmup_prefill)
-            for k, new, past in prefill:
-                runs = [bench.prefill(k, new, past) for _ in range(repeats)]
-                samples["prefill"].append(_sample("chunks", [[new, past]] * k, runs))
-                bar.update()
+            runs = _interleaved(prefill, repeats, lambda shape: bench.prefill(*shape), bar)
+            for (k, new, past), times in zip(prefill, runs, strict=True):
+                samples["prefill"].append(_sample("chunks", [[new, past]] * k, times))
             torch.set_num_threads(threads["decode"])
             for _ in range(2):
                 bench.decode(*warmup_decode)
-            for b, ctx in decode:
-                runs = [bench.decode(b, ctx) for _ in range(repeats)]
-                samples["decode"].append(_sample("contexts", [ctx] * b, runs))
-                bar.update()
+            runs = _interleaved(decode, repeats, lambda shape: bench.decode(*shape), bar)
+            for (b, ctx), times in zip(decode, runs, strict=True):
+                samples["decode"].append(_sample("contexts", [ctx] * b, times))
         if contention and engine.runner.device.type == "cpu" and (os.cpu_count() or 1) >= 2:
             if progress:
                 print("timing a few shapes beside a co-running engine (contention)", file=sys.stderr)
@@ -661,11 +663,11 @@ def _measure_contention(
 
     def timed() -> dict[str, list[float]]:
         torch.set_num_threads(threads["prefill"])
-        times = {
-            "prefill": [statistics.median(bench.prefill(*s) for _ in range(repeats)) for s in prefill_shapes]
-        }
+        runs = _interleaved(prefill_shapes, repeats, lambda shape: bench.prefill(*shape))
+        times = {"prefill": [statistics.median(r) for r in runs]}
         torch.set_num_threads(threads["decode"])
-        times["decode"] = [statistics.median(bench.decode(*s) for _ in range(repeats)) for s in decode_shapes]
+        runs = _interleaved(decode_shapes, repeats, lambda shape: bench.decode(*shape))
+        times["decode"] = [statistics.median(r) for r in runs]
         return times
 
     ctx = mp.get_context("spawn")
@@ -701,12 +703,33 @@ def _measure_contention(
     return {"factors": factors, "runs": runs}
 
 
+def _interleaved(
+    shapes: Sequence[tuple], repeats: int, step: Callable[[tuple], float], bar: Any = None
+) -> list[list[float]]:
+    """Each shape's `repeats` timings, taken in passes over all the shapes rather than back to
+    back: a burst of other work on the machine then spoils one timing of each of the shapes it
+    overlaps (the median discards it) instead of every timing of one shape (which it cannot), and
+    a slow drift of the machine's speed moves every shape's median alike."""
+    runs: list[list[float]] = [[] for _ in shapes]
+    for _ in range(repeats):
+        for shape, times in zip(shapes, runs, strict=True):
+            times.append(step(shape))
+            if bar is not None:
+                bar.update()
+    return runs
+
+
 def _sample(key: str, shape: list, runs: list[float]) -> dict:
     return {key: shape, "seconds": statistics.median(runs), "runs": runs}
 
 
 def profile_engine(
-    config: ClusterConfig, hardware: str = "cpu", *, repeats: int = 3, progress: bool = True, **grid: Any
+    config: ClusterConfig,
+    hardware: str = "cpu",
+    *,
+    repeats: int = DEFAULT_REPEATS,
+    progress: bool = True,
+    **grid: Any,
 ) -> Profile:
     """Measure (grid: measure's keyword arguments) and fit: the profile of the engine the config's
     workers run. The engine runs on one device, so the profile is for tp = pp = 1."""

@@ -14,7 +14,7 @@ import pytest
 
 from cluster.config import ClusterConfig, DecodeSection, ModelSection, PrefillSection
 from placement.errors import PlacementError
-from placement.profiler import DecodeFit, PrefillFit, Profile, fit, measure, profile_engine
+from placement.profiler import DecodeFit, PrefillFit, Profile, _interleaved, fit, measure, profile_engine
 
 PREFILL = PrefillFit(a=0.02, b=1.5e-3, c=4e-7)
 DECODE = DecodeFit(a=0.03, b=4e-6, c=2.5e-3)
@@ -123,6 +123,7 @@ def tiny_profile() -> Profile:
         prefill_chunked=((32, 128),),
         decode_batches=(1, 16),
         decode_contexts=(16, 256),
+        repeats=3,
         progress=False,
     )
 
@@ -271,3 +272,18 @@ def test_load_refuses_a_malformed_file(tmp_path, text):
         Profile.load(path)
     with pytest.raises(PlacementError, match=re.escape(str(tmp_path / "missing.json"))):
         Profile.load(tmp_path / "missing.json")
+
+
+def test_timings_are_taken_in_passes_so_a_burst_spoils_one_of_each_shape():
+    shapes = [(1,), (2,), (3,)]
+    calls: list[int] = []
+    slow_calls = {1, 2, 3}  # something else ran on the machine for three timings in a row
+
+    def step(shape: tuple) -> float:
+        calls.append(shape[0])
+        return 10.0 if len(calls) - 1 in slow_calls else float(shape[0])
+
+    runs = _interleaved(shapes, 3, step)
+    assert calls == [1, 2, 3] * 3  # three passes over the grid
+    assert [statistics.median(r) for r in runs] == [1.0, 2.0, 3.0]  # the burst is voted out
+    assert all(len(r) == 3 for r in runs)
